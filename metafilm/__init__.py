@@ -1,3 +1,45 @@
-"""metafilm: few-shot meta-learning with FiLM adaptation."""
+"""metafilm: few-shot meta-learning with FiLM adaptation.
+
+Importing the package tunes glibc's malloc for large activations (see :mod:`metafilm.allocator`;
+``METAFILM_TUNE_ALLOCATOR=0`` keeps the defaults); the settings applied are in ``ALLOCATOR``.
+"""
+
+from metafilm.allocator import tune_allocator, tune_on_import
+from metafilm.encoder import TaskEncoder
+from metafilm.heads import LinearHead, PrototypeHead
+from metafilm.inner import adapt
+from metafilm.learner import FiLMLearner
+from metafilm.meta import (
+    evaluate,
+    input_builder,
+    make_optimizer,
+    meta_backward,
+    meta_step,
+    task_loss,
+)
+from metafilm.pretrain import pretrain_backbone
+from metafilm.specs import AdaptSpec, ModelSpec, OuterSpec
 
 __version__ = "0.1.0"
+
+ALLOCATOR: dict[str, int] = tune_on_import()
+
+__all__ = [
+    "ALLOCATOR",
+    "AdaptSpec",
+    "FiLMLearner",
+    "LinearHead",
+    "ModelSpec",
+    "OuterSpec",
+    "PrototypeHead",
+    "TaskEncoder",
+    "adapt",
+    "evaluate",
+    "input_builder",
+    "make_optimizer",
+    "meta_backward",
+    "meta_step",
+    "pretrain_backbone",
+    "task_loss",
+    "tune_allocator",
+]

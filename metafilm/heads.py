@@ -1,0 +1,84 @@
+"""Classifier heads on top of (FiLM-modulated) embeddings.
+
+- ``prototype``: a linear layer built from the support prototypes ``c_k`` (Proto-MAML:
+  ``W_k = 2 c_k``, ``b_k = -|c_k|^2``, which ranks classes as the negative squared Euclidean
+  distance does, ``-|q - c_k|^2`` differing only by ``-|q|^2``, the same for every class), times a
+  learned metric scale (TADAM). It has no per-task weights: it is rebuilt from the support
+  features of whatever deviations are current, at every inner step and for the query.
+- ``linear``: one head ``[head_ways, feature_dim]`` shared by all tasks and learned in the outer
+  loop (CAVIA); only the FiLM deviations adapt to a task.
+
+Both take ``(support_features, support_onehot, query_features)`` and return query logits, so the
+meta code treats them alike; ``uses_support`` tells it whether the support features are read (the
+linear head takes ``None`` for them).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+
+def class_prototypes(features: Tensor, onehot: Tensor) -> Tensor:
+    """Mean feature of each class, ``[ways, D]``, from ``features [S, D]``, ``onehot [S, ways]``."""
+    return (onehot.transpose(-1, -2) @ features) / onehot.sum(-2).unsqueeze(-1)
+
+
+def prototype_logits(query_features: Tensor, prototypes: Tensor, scale: Tensor) -> Tensor:
+    """``scale * (2 q.c_k - |c_k|^2)``: the Proto-MAML linear layer on ``query_features [Q, D]``."""
+    weight = 2 * prototypes
+    bias = -prototypes.pow(2).sum(-1)
+    return scale * torch.addmm(bias, query_features, weight.transpose(-1, -2))
+
+
+class PrototypeHead(nn.Module):
+    """Prototype head with a learned metric scale (initialised to ``scale``)."""
+
+    uses_support = True
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(
+        self, support_features: Tensor, support_onehot: Tensor, query_features: Tensor
+    ) -> Tensor:
+        prototypes = class_prototypes(support_features, support_onehot)
+        return prototype_logits(query_features, prototypes, self.scale)
+
+
+class LinearHead(nn.Module):
+    """A linear classifier shared by every task; tasks must have exactly ``ways`` classes."""
+
+    uses_support = False
+
+    def __init__(self, feature_dim: int, ways: int) -> None:
+        super().__init__()
+        self.ways = ways
+        self.linear = nn.Linear(feature_dim, ways)
+
+    def forward(
+        self, support_features: Tensor | None, support_onehot: Tensor, query_features: Tensor
+    ) -> Tensor:
+        if support_onehot.shape[-1] != self.ways:
+            raise ValueError(
+                f"the linear head classifies {self.ways} ways; this task has "
+                f"{support_onehot.shape[-1]}: set head_ways to the episodes' ways or use "
+                "head='prototype'"
+            )
+        return self.linear(query_features)
+
+
+def build_head(
+    kind: Literal["prototype", "linear"], feature_dim: int, head_ways: int
+) -> PrototypeHead | LinearHead:
+    """The head ``ModelSpec.head`` names."""
+    if kind == "prototype":
+        return PrototypeHead()
+    if kind == "linear":
+        if head_ways < 2:
+            raise ValueError(f"head_ways must be at least 2 for a linear head; got {head_ways}")
+        return LinearHead(feature_dim, head_ways)
+    raise ValueError(f"unknown head {kind!r}; choose 'prototype' or 'linear'")

@@ -1,0 +1,349 @@
+"""Meta-learning maths over a :class:`~metafilm.learner.FiLMLearner`: one task, a meta-batch, an
+outer step, an evaluation, and the inputs they read.
+
+One task (:func:`task_loss`), with the learner's parameters passed explicitly (``functional_call``):
+
+1. starting deviations: the task encoder on the *unmodulated* support features, or identity;
+2. :func:`metafilm.inner.adapt` on the support loss of the head, the prototypes rebuilt from the
+   modulated support features at every step;
+3. query loss and accuracy with the adapted deviations. Support and query go through the network
+   in one pass (as Prototypical Networks do), so the prototypes and the queries see the same
+   batch-norm statistics in episode mode. The linear head reads no support features: the query
+   goes alone.
+
+So a task costs one unmodulated support pass (if there is an encoder), one support pass per inner
+step, and one pass over support and query; the inner loop differentiates only the deviations.
+
+A meta-batch (:func:`meta_backward`) is either a per-task ``loop`` that back-propagates each task as
+soon as it is computed (memory of one task at a time; the faster strategy on CPU), or one ``vmap``
+over the tasks (``torch.func.grad`` inside; needs batch norm that updates no running statistics).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
+from functools import partial
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from episodes.classes import ClassImages
+from episodes.sampler import Episode, IndexEpisode, Task, gather
+from metafilm.encoder import task_representation
+from metafilm.film import Deviations, identity, l2_to_identity
+from metafilm.inner import Differentiate
+from metafilm.inner import adapt as adapt_deviations
+from metafilm.learner import FiLMLearner
+from metafilm.specs import AdaptSpec, OuterSpec
+
+Strategy = Literal["loop", "vmap"]
+STRATEGIES = ("loop", "vmap")
+
+
+class _Parts(NamedTuple):
+    """A learner's tensors split by sub-module, for ``functional_call`` on each."""
+
+    backbone: dict[str, Tensor]
+    encoder: dict[str, Tensor]
+    head: dict[str, Tensor]
+    inner_lrs: Tensor | None
+
+
+def _split(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> _Parts:
+    groups: dict[str, dict[str, Tensor]] = {"backbone": {}, "encoder": {}, "head": {}, "": {}}
+    for name, tensor in (*params.items(), *buffers.items()):
+        module, _, rest = name.partition(".")
+        groups[module if rest else ""][rest or name] = tensor
+    inner_lrs = groups[""].get("inner_lrs")
+    return _Parts(groups["backbone"], groups["encoder"], groups["head"], inner_lrs)
+
+
+def _site_size(dgamma: Tensor, dbeta: Tensor) -> Tensor:
+    """Root-mean-square of a site's deviations (gamma and beta entries together), detached."""
+    return torch.cat([dgamma, dbeta], -1).detach().pow(2).mean(-1).sqrt()
+
+
+def _task(
+    parts: _Parts,
+    learner: FiLMLearner,
+    adapt: AdaptSpec,
+    ways: int,
+    start_block: int,
+    differentiate: Differentiate,
+    support_x: Tensor,
+    support_y: Tensor,
+    query_x: Tensor,
+    query_y: Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Query loss and metrics of one task after adaptation (see the module docstring)."""
+    onehot = (support_y.unsqueeze(-1) == torch.arange(ways)).to(support_x.dtype)
+
+    def embed(x: Tensor, film: Deviations | None) -> Tensor:
+        kwargs = {"film": film, "start_block": start_block}
+        return functional_call(learner.backbone, parts.backbone, (x,), kwargs)
+
+    def logits(support_features: Tensor | None, query_features: Tensor) -> Tensor:
+        return functional_call(learner.head, parts.head, (support_features, onehot, query_features))
+
+    if learner.encoder is None:
+        predicted = identity(learner.site_channels, learner.used_sites, like=support_x)
+    else:
+        representation = task_representation(embed(support_x, None), onehot)
+        predicted = functional_call(learner.encoder, parts.encoder, (representation,))
+
+    def support_loss(deviations: Deviations) -> Tensor:
+        features = embed(support_x, deviations)
+        return F.cross_entropy(logits(features, features), support_y)
+
+    adapted = adapt_deviations(
+        predicted,
+        support_loss,
+        inner_steps=adapt.inner_steps,
+        inner_lr=adapt.inner_lr,
+        first_order=adapt.first_order,
+        film_l2=adapt.film_l2,
+        per_param_lr=learner.per_param_lr(parts.inner_lrs),
+        differentiate=differentiate,
+    )
+    if learner.head.uses_support:
+        features = embed(torch.cat([support_x, query_x]), adapted)
+        query_logits = logits(features[: len(support_x)], features[len(support_x) :])
+    else:
+        query_logits = logits(None, embed(query_x, adapted))
+    metrics = {
+        "accuracy": (query_logits.argmax(-1) == query_y).to(query_logits.dtype).mean(),
+        "film_l2": l2_to_identity(adapted),
+    }
+    for name, deviations in (("film_predicted", predicted), ("film_adapted", adapted)):
+        for site, (dgamma, dbeta) in deviations.items():
+            metrics[f"{name}/{site}"] = _site_size(dgamma, dbeta)
+    return F.cross_entropy(query_logits, query_y), metrics
+
+
+def task_loss(
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    learner: FiLMLearner,
+    task: Task,
+    adapt: AdaptSpec,
+    *,
+    start_block: int = 0,
+    differentiate: Differentiate = "autograd",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One task's query loss after adaptation, and its metrics.
+
+    ``params``/``buffers`` are named as in ``learner.named_parameters()``/``named_buffers()``.
+    Metrics: ``accuracy``, ``film_l2`` (squared distance of the adapted deviations from identity,
+    differentiable: the outer regulariser), ``film_predicted/<site>`` and ``film_adapted/<site>``
+    (RMS size of the starting and adapted deviations). ``start_block > 0`` means the inputs are
+    ``backbone.prefix(images, start_block)`` features.
+    """
+    return _task(
+        _split(params, buffers),
+        learner,
+        adapt,
+        task.ways,
+        start_block,
+        differentiate,
+        task.support_x,
+        task.support_y,
+        task.query_x,
+        task.query_y,
+    )
+
+
+def meta_backward(
+    learner: FiLMLearner,
+    episode: Episode,
+    adapt: AdaptSpec,
+    *,
+    film_l2: float = 0.0,
+    strategy: Strategy = "loop",
+    start_block: int | None = None,
+) -> dict[str, Tensor]:
+    """Add to every parameter's ``.grad`` the meta-gradient of
+    ``mean over tasks (query loss + film_l2 * |adapted deviations|^2)``; return per-task metrics
+    ``[tasks]`` (detached), ``loss`` included.
+
+    ``start_block`` defaults to what the inputs are: 0 for images, the first used block for the
+    cached prefix features of :func:`input_builder`.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+    if start_block is None:
+        start_block = _start_block(learner, episode.support_x)
+    parts = _split(dict(learner.named_parameters()), dict(learner.named_buffers()))
+    tasks = episode.tasks
+    if strategy == "vmap":
+        one_task = partial(_task, parts, learner, adapt, episode.ways, start_block, "func")
+        losses, metrics = torch.func.vmap(one_task)(
+            episode.support_x, episode.support_y, episode.query_x, episode.query_y
+        )
+        (losses + film_l2 * metrics["film_l2"]).mean().backward()
+        return {"loss": losses.detach(), **{k: v.detach() for k, v in metrics.items()}}
+    per_task: list[dict[str, Tensor]] = []
+    for i in range(tasks):
+        task = episode.task(i)
+        loss, metrics = _task(
+            parts,
+            learner,
+            adapt,
+            episode.ways,
+            start_block,
+            "autograd",
+            task.support_x,
+            task.support_y,
+            task.query_x,
+            task.query_y,
+        )
+        ((loss + film_l2 * metrics["film_l2"]) / tasks).backward()
+        per_task.append({"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}})
+    return {name: torch.stack([m[name] for m in per_task]) for name in per_task[0]}
+
+
+def make_optimizer(learner: FiLMLearner, outer: OuterSpec) -> torch.optim.Adam:
+    """Adam over the trainable parameters; the encoder weight decay acts on the encoder's
+    predictor only (its post-multipliers have their own L2 in the loss). A frozen backbone is
+    left out."""
+    decayed = [] if learner.encoder is None else list(learner.encoder.net.parameters())
+    decayed_ids = {id(p) for p in decayed}
+    rest = [p for p in learner.parameters() if p.requires_grad and id(p) not in decayed_ids]
+    groups = [{"params": rest, "weight_decay": 0.0}]
+    if decayed:
+        groups.append({"params": decayed, "weight_decay": outer.encoder_weight_decay})
+    return torch.optim.Adam(groups, lr=outer.lr)
+
+
+def meta_step(
+    learner: FiLMLearner,
+    optimizer: torch.optim.Optimizer,
+    episode: Episode,
+    adapt: AdaptSpec,
+    outer: OuterSpec,
+) -> dict[str, float]:
+    """One outer update on a meta-batch; returns its training metrics.
+
+    Minimises the mean query loss after adaptation + ``outer.film_l2`` * squared size of the
+    adapted deviations + ``outer.postmult_l2`` * squared post-multipliers (the encoder weight decay
+    lives in the optimiser), with the gradient norm clipped to ``outer.grad_clip``. Metrics:
+    ``loss`` (query loss), ``accuracy``, ``grad_norm`` (before clipping) and per site
+    ``film_predicted/<site>``, ``film_adapted/<site>`` (RMS deviation sizes, averaged over tasks).
+    """
+    learner.train()
+    optimizer.zero_grad(set_to_none=True)
+    metrics = meta_backward(learner, episode, adapt, film_l2=outer.film_l2, strategy=outer.strategy)
+    if learner.encoder is not None and outer.postmult_l2:
+        (outer.postmult_l2 * learner.encoder.postmult.pow(2).sum()).backward()
+    trainable = [p for p in learner.parameters() if p.requires_grad]
+    max_norm = math.inf if outer.grad_clip is None else outer.grad_clip
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+    optimizer.step()
+    summary = {name: float(values.mean()) for name, values in metrics.items() if name != "film_l2"}
+    summary["grad_norm"] = float(grad_norm)
+    return summary
+
+
+def evaluate(learner: FiLMLearner, episodes: Iterable[Episode], adapt: AdaptSpec) -> np.ndarray:
+    """Query accuracy of every task of ``episodes`` after adaptation with ``adapt`` (its
+    ``inner_steps`` may differ from training), as a float64 array in episode order.
+
+    No outer gradient is formed; the inner loop still differentiates the deviations. The learner
+    is evaluated in eval mode and returned to the mode it was in. A learner with Meta-SGD rates
+    uses them in place of ``adapt.inner_lr``.
+    """
+    first_order = replace(adapt, first_order=True)  # same values, no graph of the inner gradient
+    params = {name: p.detach() for name, p in learner.named_parameters()}
+    buffers = dict(learner.named_buffers())
+    was_training = learner.training
+    learner.eval()
+    accuracies: list[float] = []
+    try:
+        with torch.no_grad():
+            for episode in episodes:
+                start_block = _start_block(learner, episode.support_x)
+                for i in range(episode.tasks):
+                    _, metrics = task_loss(
+                        params, buffers, learner, episode.task(i), first_order,
+                        start_block=start_block,
+                    )
+                    accuracies.append(float(metrics["accuracy"]))
+    finally:
+        learner.train(was_training)
+    return np.asarray(accuracies, dtype=np.float64)
+
+
+def _start_block(learner: FiLMLearner, x: Tensor) -> int:
+    """0 for images; the first used block for the cached prefix features of ``input_builder``."""
+    if tuple(x.shape[-3:]) == learner.image_shape:
+        return 0
+    if learner.caches_prefix:
+        return learner.first_used_block
+    raise ValueError(
+        f"expected images shaped [tasks, examples, {', '.join(map(str, learner.image_shape))}]; "
+        f"got {tuple(x.shape)}. Only a frozen backbone with bn_mode='running' takes cached prefix "
+        "features (from input_builder)"
+    )
+
+
+def input_builder(
+    learner: FiLMLearner,
+    classes: ClassImages,
+    *,
+    batch_size: int = 1024,
+    max_cache_bytes: int = 2 * 2**30,
+) -> Callable[[IndexEpisode], Episode]:
+    """What turns index episodes into the inputs :func:`meta_step` and :func:`evaluate` read.
+
+    Normally ``episodes.sampler.gather`` (images). For a frozen backbone with running batch norm
+    the blocks before the first used FiLM site are a fixed function of each image, so their output
+    is computed once here for every image (eval mode, ``batch_size`` at a time) and episodes
+    gather those features instead; the network then runs from the first used block. With batch
+    norm in episode mode the prefix depends on the episode's batch, so nothing is cached. When the
+    cache would exceed ``max_cache_bytes`` this warns and gathers images.
+    """
+    if not learner.caches_prefix:
+        return partial(gather, classes)
+    end_block = learner.first_used_block
+    backbone = learner.backbone
+    images = classes.images
+    with torch.no_grad():
+        per_image = backbone.prefix(images[:1].to(torch.float32).div_(255), end_block)[0]
+        needed = per_image.numel() * per_image.element_size() * len(images)
+        if needed > max_cache_bytes:
+            warnings.warn(
+                f"the prefix features before block {end_block} would take {needed / 2**30:.1f} "
+                f"GiB (limit {max_cache_bytes / 2**30:.1f} GiB); gathering images instead",
+                stacklevel=2,
+            )
+            return partial(gather, classes)
+        features = torch.cat(
+            [
+                backbone.prefix(images[i : i + batch_size].to(torch.float32).div_(255), end_block)
+                for i in range(0, len(images), batch_size)
+            ]
+        )
+    return partial(_gather_features, features)
+
+
+def _gather_features(features: Tensor, index_episode: IndexEpisode) -> Episode:
+    """``gather`` for cached per-image features."""
+    ep = index_episode
+    if bool(ep.rotations.any()):
+        raise ValueError(
+            "rotation augmentation turns images, not cached prefix features: sample without "
+            "augment_rotations when the backbone is frozen with running batch norm"
+        )
+    return Episode(
+        support_x=features[ep.support_idx],
+        support_y=ep.support_y,
+        query_x=features[ep.query_idx],
+        query_y=ep.query_y,
+        ways=ep.ways,
+    )

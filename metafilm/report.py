@@ -1,0 +1,503 @@
+"""Reports from what runs saved: Markdown, JSON and PNG, each figure recomputable from the files.
+
+Inputs, per run directory: `config.toml` (the resolved config), `metrics.jsonl` (training rows)
+and `eval/*.json` (one file per evaluated setting, with the per-episode accuracies and the
+protocol). Nothing is re-run and no model is loaded.
+
+Statistics: the accuracy of a setting is the mean of its per-episode query accuracies; its 95%
+confidence interval is `1.96 * s / sqrt(n)`, with `s` the *sample* standard deviation (ddof = 1)
+over the `n` episodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metafilm.config import ConfigError, RunConfig, load_config
+
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+EVAL_DIR = "eval"
+CI_Z = 1.96
+STD_KIND = "sample standard deviation (ddof=1)"
+FIGURES = ("training_curves.png", "accuracy.png", "film_diagnostics.png")
+
+
+class ReportError(RuntimeError):
+    """A run directory without the files a report needs."""
+
+
+def accuracy_summary(accuracies: Sequence[float] | np.ndarray) -> dict[str, Any]:
+    """Mean, sample std (ddof=1) and 95% CI `1.96 * std / sqrt(n)` of per-episode accuracies.
+
+    With a single episode the std and CI are undefined and given as None.
+    """
+    values = np.asarray(accuracies, dtype=np.float64)
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError(
+            f"need a non-empty list of per-episode accuracies, got shape {values.shape}"
+        )
+    n = len(values)
+    std = float(values.std(ddof=1)) if n > 1 else None
+    return {
+        "episodes": n,
+        "mean": float(values.mean()),
+        "std": std,
+        "ci95": None if std is None else CI_Z * std / math.sqrt(n),
+    }
+
+
+@dataclass(frozen=True)
+class Published:
+    """One published figure: accuracy in percent, its ± (None if not given), and its protocol."""
+
+    method: str
+    backbone: str
+    dataset: str
+    ways: int
+    shots: int
+    accuracy: float
+    plus_minus: float | None
+    protocol: str
+
+
+def _published_table() -> tuple[Published, ...]:
+    """Published results (percent) with their protocol notes, from the papers and the authors'
+    code; '±' is a 95% CI unless the protocol note says otherwise."""
+    omniglot = "Conv-4"
+    rows: list[Published] = []
+    settings = ((5, 1), (5, 5), (20, 1), (20, 5))
+    for method, backbone, figures, protocol in (
+        (
+            "MAML (Finn 2017)",
+            omniglot,
+            ((98.7, 0.4), (99.9, 0.1), (95.8, 0.3), (98.9, 0.2)),
+            "600 test tasks, seed 1, batch statistics at test (transductive BN)",
+        ),
+        (
+            "MAML, fully connected net",
+            "MLP",
+            ((89.7, 1.1), (97.5, 0.6), None, None),
+            "600 test tasks, seed 1, transductive BN",
+        ),
+        (
+            "Prototypical Networks (Snell 2017)",
+            omniglot,
+            ((98.8, None), (99.7, None), (96.0, None), (98.9, None)),
+            "1000 test episodes, no CI, model in eval mode; trained 60-way",
+        ),
+        (
+            "ANIL (Raghu 2020)",
+            omniglot,
+            (None, None, (96.2, None), (98.0, None)),
+            "± in the paper is the std over 3 seeds, not a CI",
+        ),
+        (
+            "learn2learn MAML example",
+            omniglot,
+            ((99.1, None), None, None, None),
+            "no CI, protocol not stated",
+        ),
+    ):
+        for (ways, shots), figure in zip(settings, figures, strict=True):
+            if figure is not None:
+                rows.append(Published(method, backbone, "omniglot", ways, shots, *figure, protocol))
+    for method, backbone, one_shot, five_shot, protocol in (
+        (
+            "MAML",
+            "Conv-4, 32 filters",
+            (48.70, 1.84),
+            (63.11, 0.92),
+            "600 tasks; query = K per class; 5 inner steps train, 10 test",
+        ),
+        (
+            "first-order MAML",
+            "Conv-4, 32 filters",
+            (48.07, 1.75),
+            (63.15, 0.91),
+            "600 tasks; query = K per class; 5 inner steps train, 10 test",
+        ),
+        (
+            "Prototypical Networks",
+            "Conv-4, 64 filters",
+            (49.42, 0.78),
+            (68.20, 0.66),
+            "600 episodes, 15 query per class",
+        ),
+        (
+            "CAVIA (Zintgraf 2019)",
+            "Conv-4, 32 filters",
+            (47.24, 0.65),
+            (59.05, 0.54),
+            "15 query per class, transductive BN",
+        ),
+        (
+            "CAVIA",
+            "Conv-4, 128 filters",
+            (49.84, 0.68),
+            (64.63, 0.54),
+            "15 query per class, transductive BN",
+        ),
+        (
+            "CAVIA",
+            "Conv-4, 512 filters",
+            (51.82, 0.65),
+            (65.85, 0.55),
+            "15 query per class, transductive BN; first-order: 49.92 / 63.59",
+        ),
+        (
+            "TADAM (Oreshkin 2018)",
+            "ResNet-12",
+            (58.5, 0.3),
+            (76.7, 0.3),
+            "10 restarts x 500 tasks, 100 query per task",
+        ),
+        ("Simple CNAPs", "ResNet-18 + FiLM", (53.2, 0.9), (70.8, 0.7), "600 tasks"),
+    ):
+        for shots, figure in ((1, one_shot), (5, five_shot)):
+            rows.append(Published(method, backbone, "miniimagenet", 5, shots, *figure, protocol))
+    return tuple(rows)
+
+
+PUBLISHED: tuple[Published, ...] = _published_table()
+PUBLISHED_SOURCES = {
+    "omniglot": "Omniglot, Vinyals split (1200 training characters x4 rotations, 423 test), 28x28",
+    "miniimagenet": "miniImageNet, Ravi & Larochelle split (64 / 16 / 20 classes), 84x84, 5-way",
+}
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What one run directory saved."""
+
+    name: str
+    path: Path
+    config: RunConfig
+    metrics: list[dict[str, Any]]
+    evaluations: list[dict[str, Any]]
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a `metrics.jsonl` (a half-written last line, from a kill, is skipped)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def read_run(path: str | os.PathLike[str]) -> RunFiles:
+    """Load a run directory's config, metrics and evaluations."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"run directory {path} does not exist")
+    try:
+        config = load_config(path / CONFIG_FILE)
+    except ConfigError as error:
+        raise ReportError(f"{path} is not a usable run directory: {error}") from None
+    evaluations = []
+    for file in sorted((path / EVAL_DIR).glob("*.json")):
+        try:
+            evaluations.append(json.loads(file.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as error:
+            raise ReportError(f"evaluation file {file} is not valid JSON: {error}") from None
+    return RunFiles(path.name, path, config, read_metrics(path / METRICS_FILE), evaluations)
+
+
+def _setting(evaluation: dict[str, Any]) -> str:
+    return f"{evaluation['ways']}-way {evaluation['shots']}-shot"
+
+
+def _bn_text(bn_mode: str) -> str:
+    return {
+        "episode": "transductive (episode statistics)",
+        "running": "running statistics at test",
+    }.get(bn_mode, bn_mode)
+
+
+def _results(runs: Sequence[RunFiles]) -> list[dict[str, Any]]:
+    """One entry per evaluation file: protocol, summary and the per-episode accuracies."""
+    results = []
+    for run in runs:
+        for evaluation in run.evaluations:
+            protocol = {key: value for key, value in evaluation.items() if key != "accuracies"}
+            results.append(
+                {
+                    "run": run.name,
+                    "run_dir": str(run.path),
+                    **protocol,
+                    **accuracy_summary(evaluation["accuracies"]),
+                    "std_kind": STD_KIND,
+                    "accuracies": evaluation["accuracies"],
+                }
+            )
+    return results
+
+
+def _percent(mean: float, ci: float | None) -> str:
+    return f"{100 * mean:.2f}" + ("" if ci is None else f" ± {100 * ci:.2f}")
+
+
+def _published_matches(result: dict[str, Any]) -> list[Published]:
+    return [
+        row
+        for row in PUBLISHED
+        if (row.dataset, row.ways, row.shots)
+        == (result["dataset"], result["ways"], result["shots"])
+    ]
+
+
+def _markdown(
+    runs: Sequence[RunFiles], results: Sequence[dict[str, Any]], compare_published: bool
+) -> str:
+    lines = [
+        "# metafilm report",
+        "",
+        "Accuracy: mean over the test episodes of the per-episode query accuracy, in percent; ± is "
+        f"the 95% confidence interval {CI_Z} · s / sqrt(n), s the {STD_KIND} over the n episodes.",
+        "",
+        "## Results",
+        "",
+    ]
+    if not results:
+        lines += ["No evaluation yet: run `metafilm evaluate RUN_DIR` first.", ""]
+    else:
+        lines += [
+            "| run | test setting | accuracy (%) | episodes | query / class | episode seed | split "
+            "| trained as | inner steps train / test | batch norm | checkpoint |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results:
+            trained = f"{r['train_ways']}-way {r['train_shots']}-shot"
+            if (r["train_ways"], r["train_shots"]) != (r["ways"], r["shots"]):
+                trained += " (differs from test)"
+            lines.append(
+                f"| {r['run']} | {_setting(r)} | {_percent(r['mean'], r['ci95'])} "
+                f"| {r['episodes']} | {r['query']} | {r['episode_seed']} | {r['split']} "
+                f"| {trained} | {r['inner_steps_train']} / {r['inner_steps_test']} "
+                f"| {_bn_text(r['bn_mode'])} | {r['checkpoint']} (step {r['checkpoint_step']}) |"
+            )
+        lines.append("")
+    lines += ["## Protocol", ""]
+    for run in runs:
+        c = run.config
+        lines += [
+            f"### {run.name}",
+            "",
+            f"- run directory: `{run.path}`",
+            f"- data: {c.data.dataset}, {c.data.image_size}x{c.data.image_size}, trained on split "
+            f"{c.data.train_split!r} ({c.data.ways}-way {c.data.shots}-shot, {c.data.query} query "
+            f"per class, rotation augmentation {'on' if c.data.augment_rotations else 'off'}), "
+            f"validated on {c.data.val_split!r}",
+            f"- backbone: {c.model.backbone}, width {c.model.width}, "
+            + ("frozen after pretraining" if c.model.backbone_mode == "frozen" else "meta-trained"),
+            f"- batch norm: {c.model.bn_mode} ({_bn_text(c.model.bn_mode)})",
+            f"- task encoder: {c.model.encoder}; head: {c.model.head}",
+            f"- inner loop: {c.adapt.inner_steps} steps, lr {c.adapt.inner_lr}, "
+            f"{'first' if c.adapt.first_order else 'second'} order, "
+            f"learned lr {'on' if c.adapt.learn_inner_lr else 'off'}",
+            f"- outer loop: {c.train.steps} steps, lr {c.outer.lr}, meta-batch "
+            f"{c.outer.meta_batch_size}, seed {c.train.seed}",
+        ]
+        for r in (r for r in results if r["run"] == run.name):
+            lines.append(
+                f"- {_setting(r)} on {r['split']!r}: FiLM sites {', '.join(r['film_sites'])}; "
+                f"checkpoint {r['checkpoint']} step {r['checkpoint_step']}, "
+                f"sha256 `{r['checkpoint_sha256']}`"
+            )
+        lines.append("")
+    if compare_published:
+        lines += _published_markdown(results)
+    lines += ["## Figures", ""] + [f"![{name}]({name})" for name in FIGURES] + [""]
+    return "\n".join(lines)
+
+
+def _published_markdown(results: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## Published results",
+        "",
+        "Published figures (percent) next to ours; compare only where the protocols agree.",
+        "",
+    ]
+    settings = sorted({(r["dataset"], r["ways"], r["shots"]) for r in results})
+    for dataset, ways, shots in settings:
+        ours = [
+            r for r in results if (r["dataset"], r["ways"], r["shots"]) == (dataset, ways, shots)
+        ]
+        published = _published_matches(ours[0])
+        lines += [f"### {PUBLISHED_SOURCES.get(dataset, dataset)}: {ways}-way {shots}-shot", ""]
+        lines += ["| method | backbone | accuracy (%) | protocol |", "|---|---|---|---|"]
+        for r in ours:
+            lines.append(
+                f"| **ours: {r['run']}** | {r['backbone']}, width {r['width']} "
+                f"| **{_percent(r['mean'], r['ci95'])}** | {r['episodes']} episodes, "
+                f"{r['query']} query per class, seed {r['episode_seed']}, "
+                f"{_bn_text(r['bn_mode'])} |"
+            )
+        for row in published:
+            lines.append(
+                f"| {row.method} | {row.backbone} | {row.accuracy:g}"
+                + ("" if row.plus_minus is None else f" ± {row.plus_minus:g}")
+                + f" | {row.protocol} |"
+            )
+        if not published:
+            lines.append("| (no published figure for this setting) | | | |")
+        lines.append("")
+    return lines
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+    if not points:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*points, strict=True)
+    return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+
+
+def _film_keys(runs: Sequence[RunFiles], prefix: str) -> list[str]:
+    return sorted(
+        {key for run in runs for row in run.metrics for key in row if key.startswith(prefix)}
+    )
+
+
+def _plot_training_curves(runs: Sequence[RunFiles], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for run in runs:
+        steps, values = _series(run.metrics, "accuracy")
+        accuracy_axis.plot(steps, values, label=f"{run.name} train")
+        steps, values = _series(run.metrics, "val_accuracy")
+        if len(steps):
+            line = accuracy_axis.plot(steps, values, marker="o", label=f"{run.name} validation")
+            _, ci = _series(run.metrics, "val_ci95")
+            if len(ci) == len(values):
+                accuracy_axis.fill_between(
+                    steps, values - ci, values + ci, alpha=0.2, color=line[0].get_color()
+                )
+        steps, values = _series(run.metrics, "loss")
+        loss_axis.plot(steps, values, label=f"{run.name} train")
+        steps, values = _series(run.metrics, "val_loss")
+        if len(steps):
+            loss_axis.plot(steps, values, marker="o", label=f"{run.name} validation")
+    accuracy_axis.set(xlabel="outer step", ylabel="query accuracy", title="Accuracy")
+    loss_axis.set(xlabel="outer step", ylabel="query loss", title="Loss")
+    for axis in (accuracy_axis, loss_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _plot_accuracy(results: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(results) + 2), 4.5), dpi=100)
+    if results:
+        labels = [f"{r['run']}\n{_setting(r)}\n{r['split']}" for r in results]
+        means = [100 * r["mean"] for r in results]
+        errors = [0 if r["ci95"] is None else 100 * r["ci95"] for r in results]
+        positions = np.arange(len(results))
+        axis.errorbar(positions, means, yerr=errors, fmt="o", capsize=6)
+        axis.set_xticks(positions, labels, fontsize="small")
+        axis.set_xlim(-0.5, len(results) - 0.5)
+    else:
+        axis.text(0.5, 0.5, "no evaluation yet", ha="center", va="center")
+    axis.set(ylabel="test accuracy (%), 95% CI", title="Accuracy per setting")
+    axis.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _plot_film_diagnostics(runs: Sequence[RunFiles], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
+    for axis, prefix, title in (
+        (axes[0], "film_predicted/", "Predicted deviations (encoder)"),
+        (axes[1], "film_adapted/", "Adapted deviations (after inner loop)"),
+    ):
+        keys = _film_keys(runs, prefix)
+        for run in runs:
+            for key in keys:
+                steps, values = _series(run.metrics, key)
+                label = key.removeprefix(prefix) if len(runs) == 1 else f"{run.name} {key}"
+                axis.plot(steps, values, label=label)
+        if not keys:
+            axis.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axis.transAxes)
+        else:
+            axis.legend(fontsize="x-small")
+        axis.set(xlabel="outer step", ylabel="RMS size", title=title)
+        axis.grid(alpha=0.3)
+    gap_axis = axes[2]
+    for run in runs:
+        val_steps, val_accuracy = _series(run.metrics, "val_accuracy")
+        train_steps, train_accuracy = _series(run.metrics, "accuracy")
+        if len(val_steps) and len(train_steps):
+            gap = np.interp(val_steps, train_steps, train_accuracy) - val_accuracy
+            gap_axis.plot(val_steps, gap, marker="o", label=run.name)
+    gap_axis.axhline(0, color="grey", linewidth=0.8)
+    gap_axis.set(
+        xlabel="outer step", ylabel="train - validation accuracy", title="Generalisation gap"
+    )
+    gap_axis.grid(alpha=0.3)
+    if runs:
+        gap_axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def write_report(
+    run_dirs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    compare_published: bool = False,
+) -> list[Path]:
+    """Write `report.md`, `report.json` and the PNG figures for `run_dirs` into `out_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    runs = [read_run(path) for path in run_dirs]
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        runs = [
+            RunFiles(str(run.path), run.path, run.config, run.metrics, run.evaluations)
+            for run in runs
+        ]
+    results = _results(runs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    document = {
+        "statistics": {"ci95": f"{CI_Z} * std / sqrt(episodes)", "std": STD_KIND},
+        "runs": [{"name": run.name, "path": str(run.path)} for run in runs],
+        "results": results,
+    }
+    if compare_published:
+        document["published"] = [
+            dataclasses.asdict(row)
+            for row in PUBLISHED
+            if any(row in _published_matches(result) for result in results)
+        ]
+    written = [out / "report.md", out / "report.json"]
+    written[0].write_text(_markdown(runs, results, compare_published), encoding="utf-8")
+    written[1].write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    _plot_training_curves(runs, out / FIGURES[0])
+    _plot_accuracy(results, out / FIGURES[1])
+    _plot_film_diagnostics(runs, out / FIGURES[2])
+    written += [out / name for name in FIGURES]
+    return written

@@ -1,0 +1,53 @@
+"""Shared fixtures: the real data root, a session cache dir, and quick access to Omniglot splits.
+
+Tests that need real data take `data_root`: it skips when `METAFILM_DATA_ROOT` is unset, and fails
+instead when `METAFILM_REQUIRE_DATA=1` (as CI sets) or when the Omniglot zips are missing under it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from episodes.classes import ClassImages
+from episodes.omniglot import BACKGROUND_ZIP, EVALUATION_ZIP, load_omniglot
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The real data root from `METAFILM_DATA_ROOT` (read-only)."""
+    value = os.environ.get("METAFILM_DATA_ROOT")
+    if not value:
+        message = "METAFILM_DATA_ROOT is not set; it must point at the benchmark data folder"
+        if os.environ.get("METAFILM_REQUIRE_DATA") == "1":
+            pytest.fail(f"{message} (METAFILM_REQUIRE_DATA=1)")
+        pytest.skip(message)
+    root = Path(value)
+    missing = [root / "omniglot" / name for name in (BACKGROUND_ZIP, EVALUATION_ZIP)]
+    missing = [str(path) for path in missing if not path.is_file()]
+    if missing:
+        pytest.fail(f"METAFILM_DATA_ROOT={value} lacks the Omniglot zips: {', '.join(missing)}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def omniglot_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`METAFILM_CACHE_DIR` if set (caches survive between runs), else a session temp dir."""
+    value = os.environ.get("METAFILM_CACHE_DIR")
+    return Path(value) if value else tmp_path_factory.mktemp("metafilm-cache")
+
+
+@pytest.fixture(scope="session")
+def omniglot_split(data_root: Path, omniglot_cache_dir: Path) -> Callable[[str], ClassImages]:
+    """`omniglot_split(split)`: a 28x28 Omniglot split, loaded once per session."""
+    loaded: dict[str, ClassImages] = {}
+
+    def load(split: str) -> ClassImages:
+        if split not in loaded:
+            loaded[split] = load_omniglot(data_root, split, cache_dir=omniglot_cache_dir)
+        return loaded[split]
+
+    return load

@@ -1,0 +1,310 @@
+"""Episodic sampling: determinism, episode facts, gather pixels, rotations, input errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from episodes.classes import ClassImages
+from episodes.sampler import EpisodeSampler, FixedEpisodes, IndexEpisode, gather
+
+SIDE = 5
+
+
+def synthetic(sizes: list[int], side: int = SIDE, width: int | None = None) -> ClassImages:
+    """Images whose channels say what they are: channel 0 = class id, channel 1 = position inside
+    the class (both constant over the image, so rotation leaves them alone), channel 2 = 255 at
+    the top-left pixel only, a marker that shows how the image was turned."""
+    width = side if width is None else width
+    per_class = []
+    for c, n in enumerate(sizes):
+        x = torch.zeros(n, 3, side, width, dtype=torch.uint8)
+        x[:, 0] = c
+        x[:, 1] = torch.arange(n, dtype=torch.uint8)[:, None, None]
+        x[:, 2, 0, 0] = 255
+        per_class.append(x)
+    return ClassImages.from_arrays(per_class, [f"class{c}" for c in range(len(sizes))])
+
+
+EQUAL = synthetic([12] * 30)
+RAGGED = synthetic([7, 15, 9, 12, 20, 8, 11, 7, 13, 10])
+
+
+def assert_same(a: IndexEpisode, b: IndexEpisode) -> None:
+    for name in ("support_idx", "support_y", "query_idx", "query_y", "classes", "rotations"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def row_of(ep: IndexEpisode, t: int) -> tuple[torch.Tensor, ...]:
+    return (ep.support_idx[t], ep.query_idx[t], ep.classes[t], ep.rotations[t])
+
+
+# ---- determinism -------------------------------------------------------------------------------
+
+
+def test_same_seed_same_episodes_other_seed_other_episodes():
+    a = EpisodeSampler(EQUAL, 5, 2, 3, seed=11).sample(4, 6)
+    b = EpisodeSampler(EQUAL, 5, 2, 3, seed=11).sample(4, 6)
+    c = EpisodeSampler(EQUAL, 5, 2, 3, seed=12).sample(4, 6)
+    assert_same(a, b)
+    assert not torch.equal(a.support_idx, c.support_idx)
+
+
+def test_steps_differ_and_resume_needs_only_the_step():
+    sampler = EpisodeSampler(EQUAL, 5, 2, 3, seed=3)
+    step7 = sampler.sample(7, 4)
+    for step in range(7):  # drawing other steps first changes nothing
+        sampler.sample(step, 4)
+    assert_same(step7, sampler.sample(7, 4))
+    assert not torch.equal(step7.support_idx, sampler.sample(8, 4).support_idx)
+
+
+def test_task_slices_are_the_rows_of_the_full_meta_batch():
+    sampler = EpisodeSampler(RAGGED, 4, 2, 3, seed=5, augment_rotations=True)
+    full = sampler.sample(9, 8)
+    for task_slice in (slice(0, 4), slice(4, 8), slice(1, None, 3), slice(-2, None)):
+        part = sampler.sample(9, 8, task_slice=task_slice)
+        rows = range(8)[task_slice]
+        assert part.tasks == len(rows)
+        for t, j in enumerate(rows):
+            for got, want in zip(row_of(part, t), row_of(full, j), strict=True):
+                assert torch.equal(got, want)
+    # task j of a step does not depend on the meta-batch size either
+    small = sampler.sample(9, 3)
+    for name in ("support_idx", "query_idx", "classes", "rotations"):
+        assert torch.equal(getattr(small, name), getattr(full, name)[:3])
+
+
+def test_fixed_episode_i_does_not_depend_on_what_was_drawn_before():
+    fixed = FixedEpisodes(EQUAL, 5, 1, 4, seed=2, episodes=10)
+    one_by_one = list(fixed)
+    assert len(one_by_one) == len(fixed) == 10
+    assert_same(fixed[7], one_by_one[7])
+    assert_same(fixed[-1], one_by_one[9])
+    for size in (1, 3, 4, 10):
+        batches = list(fixed.batches(size))
+        assert [b.tasks for b in batches] == [min(size, 10 - s) for s in range(0, 10, size)]
+        rows = [row_of(b, t) for b in batches for t in range(b.tasks)]
+        for i, row in enumerate(rows):
+            for got, want in zip(row, row_of(one_by_one[i], 0), strict=True):
+                assert torch.equal(got, want)
+    assert_same(fixed.take([7, 2]), fixed.take([7, 2]))
+    assert torch.equal(fixed.take([7, 2]).classes[0], fixed[7].classes[0])
+
+
+def test_fixed_episodes_same_seed_same_set_and_distinct_from_training():
+    a = FixedEpisodes(EQUAL, 5, 1, 4, seed=2, episodes=6).take(range(6))
+    b = FixedEpisodes(EQUAL, 5, 1, 4, seed=2, episodes=6).take(range(6))
+    assert_same(a, b)
+    train = EpisodeSampler(EQUAL, 5, 1, 4, seed=2).sample(0, 6)
+    assert not torch.equal(a.classes, train.classes)
+
+
+# ---- facts about every episode -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("classes", [EQUAL, RAGGED], ids=["equal", "ragged"])
+def test_episode_facts(classes):
+    ways, shots, query = 5, 3, 4
+    ep = EpisodeSampler(classes, ways, shots, query, seed=0).sample(0, 64)
+    assert ep.support_idx.shape == ep.support_y.shape == (64, ways * shots)
+    assert ep.query_idx.shape == ep.query_y.shape == (64, ways * query)
+    assert ep.classes.shape == ep.rotations.shape == (64, ways)
+    assert (ep.ways, ep.shots, ep.query) == (ways, shots, query)
+    class_of = classes.class_of()
+    for t in range(ep.tasks):
+        assert len(set(ep.classes[t].tolist())) == ways
+        support, query_rows = ep.support_idx[t].tolist(), ep.query_idx[t].tolist()
+        assert len(set(support + query_rows)) == ways * (shots + query)  # no image used twice
+        assert torch.equal(ep.support_y[t].bincount(), torch.full((ways,), shots))
+        assert torch.equal(ep.query_y[t].bincount(), torch.full((ways,), query))
+        # every example belongs to the class of its label
+        assert torch.equal(class_of[ep.support_idx[t]], ep.classes[t][ep.support_y[t]])
+        assert torch.equal(class_of[ep.query_idx[t]], ep.classes[t][ep.query_y[t]])
+    # class-major layout
+    assert torch.equal(ep.support_y[0], torch.arange(ways).repeat_interleave(shots))
+    assert torch.equal(ep.query_y[0], torch.arange(ways).repeat_interleave(query))
+
+
+def test_labels_are_shuffled_relative_to_class_ids():
+    ways = 5
+    ep = EpisodeSampler(EQUAL, ways, 1, 1, seed=1).sample(0, 1000)
+    # the label carrying the smallest class id is uniform over 0..ways-1 (expected 200 each)
+    counts = ep.classes.argmin(dim=1).bincount(minlength=ways)
+    assert counts.min() > 150 and counts.max() < 250
+    assert (ep.classes.diff(dim=1) > 0).all(dim=1).float().mean() < 0.05  # rarely sorted
+
+
+def test_classes_and_images_are_drawn_uniformly():
+    ep = EpisodeSampler(RAGGED, 3, 2, 2, seed=4).sample(0, 3000)
+    # each of the 10 classes takes part in 3/10 of the tasks: 900 expected
+    presence = ep.classes.flatten().bincount(minlength=RAGGED.num_classes)
+    assert presence.min() > 800 and presence.max() < 1000
+    # the largest class (20 images) gives every one of its images to support about equally often
+    largest = int(RAGGED.class_sizes.argmax())
+    start = int(RAGGED.offsets[largest])
+    taken = ep.support_idx[(ep.support_idx >= start) & (ep.support_idx < start + 20)] - start
+    counts = taken.bincount(minlength=20).float()
+    assert counts.min() > 0.7 * counts.mean() and counts.max() < 1.3 * counts.mean()
+
+
+# ---- gather ------------------------------------------------------------------------------------
+
+
+def test_gather_gives_the_pixels_of_the_indexed_images():
+    ep = EpisodeSampler(EQUAL, 4, 2, 3, seed=8).sample(1, 6)
+    batch = gather(EQUAL, ep)
+    assert batch.support_x.shape == (6, 4 * 2, 3, SIDE, SIDE)
+    assert batch.query_x.shape == (6, 4 * 3, 3, SIDE, SIDE)
+    assert batch.support_x.dtype == batch.query_x.dtype == torch.float32
+    assert batch.support_x.is_contiguous() and batch.query_x.is_contiguous()
+    assert (batch.ways, batch.shots, batch.query, batch.tasks) == (4, 2, 3, 6)
+    assert torch.equal(batch.support_y, ep.support_y) and torch.equal(batch.query_y, ep.query_y)
+    for x, idx, y in (
+        (batch.support_x, ep.support_idx, ep.support_y),
+        (batch.query_x, ep.query_idx, ep.query_y),
+    ):
+        assert torch.equal(x, EQUAL.images[idx].float() / 255)
+        # channel 0 says the class, channel 1 the position inside it
+        class_ids = (x[:, :, 0, 0, 0] * 255).round().long()
+        assert torch.equal(class_ids, torch.gather(ep.classes, 1, y))
+        positions = (x[:, :, 1, 0, 0] * 255).round().long()
+        assert torch.equal(positions, idx - EQUAL.offsets[class_ids])
+    assert batch.support_x.max() == 1.0 and batch.support_x.min() == 0.0
+
+
+def test_task_and_to():
+    batch = gather(EQUAL, EpisodeSampler(EQUAL, 3, 1, 2, seed=0).sample(0, 4))
+    task = batch.task(2)
+    assert task.support_x.shape == (3, 3, SIDE, SIDE) and task.query_y.shape == (6,)
+    assert (task.ways, task.shots, task.query) == (3, 1, 2)
+    assert torch.equal(task.query_x, batch.query_x[2])
+    moved = batch.to("cpu")
+    assert torch.equal(moved.support_x, batch.support_x) and moved.ways == 3
+
+
+MARKER_AT = {0: (0, 0), 1: (SIDE - 1, 0), 2: (SIDE - 1, SIDE - 1), 3: (0, SIDE - 1)}
+
+
+def marker_turns(x: torch.Tensor) -> torch.Tensor:
+    """Counter-clockwise quarter turns of each image, read from where its marker ended up."""
+    turns = torch.full(x.shape[:2], -1)
+    for k, (r, c) in MARKER_AT.items():
+        turns[x[:, :, 2, r, c] == 1.0] = k
+    return turns
+
+
+def test_rotation_augmentation_turns_every_image_of_a_class_alike():
+    plain = EpisodeSampler(EQUAL, 5, 2, 3, seed=6)
+    turned = EpisodeSampler(EQUAL, 5, 2, 3, seed=6, augment_rotations=True)
+    ep_plain, ep = plain.sample(2, 40), turned.sample(2, 40)
+    assert not ep_plain.rotations.any()  # off by default
+    assert torch.equal(marker_turns(gather(EQUAL, ep_plain).support_x), torch.zeros(40, 10).long())
+    # the same classes and images with the flag on; only the turns are added
+    for name in ("support_idx", "query_idx", "classes"):
+        assert torch.equal(getattr(ep, name), getattr(ep_plain, name))
+    assert set(ep.rotations.unique().tolist()) == {0, 1, 2, 3}
+    batch = gather(EQUAL, ep)
+    assert torch.equal(marker_turns(batch.support_x), torch.gather(ep.rotations, 1, ep.support_y))
+    assert torch.equal(marker_turns(batch.query_x), torch.gather(ep.rotations, 1, ep.query_y))
+    # turning keeps the constant class channel
+    assert torch.equal(
+        (batch.support_x[:, :, 0] * 255).round().long().amax(dim=(2, 3)),
+        torch.gather(ep.classes, 1, ep.support_y),
+    )
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(ways=31), ValueError, "exceeds the 30 classes"),
+        (dict(ways=1), ValueError, "at least 2"),
+        (dict(ways=0), ValueError, "ways must be positive"),
+        (dict(shots=0), ValueError, "shots must be positive"),
+        (dict(query=-1), ValueError, "query must be positive"),
+        (dict(shots=8, query=5), ValueError, "exceeds the 12 images of the smallest class"),
+        (dict(shots=2.0), TypeError, "shots must be an int"),
+        (dict(seed=-1), ValueError, "seed must be in"),
+        (dict(seed=2**32), ValueError, "seed must be in"),
+    ],
+)
+def test_bad_episode_shapes_are_refused(kwargs, error, message):
+    args = dict(ways=5, shots=1, query=1, seed=0) | kwargs
+    with pytest.raises(error, match=message):
+        EpisodeSampler(EQUAL, **args)
+    if "seed" not in kwargs:
+        with pytest.raises(error, match=message):
+            FixedEpisodes(EQUAL, **args, episodes=3)
+
+
+def test_smallest_class_is_named_and_rotations_need_square_images():
+    with pytest.raises(ValueError, match=r"7 images of the smallest class \('class0'\)"):
+        FixedEpisodes(RAGGED, 3, 4, 4, seed=0, episodes=1)
+    wide = synthetic([6] * 4, width=SIDE + 1)
+    EpisodeSampler(wide, 3, 1, 1, seed=0)  # fine without rotations
+    with pytest.raises(ValueError, match="square images, got 5x6"):
+        EpisodeSampler(wide, 3, 1, 1, seed=0, augment_rotations=True)
+
+
+def test_bad_sample_and_index_arguments_are_refused():
+    sampler = EpisodeSampler(EQUAL, 5, 1, 1, seed=0)
+    with pytest.raises(ValueError, match="step must be in"):
+        sampler.sample(-1, 4)
+    with pytest.raises(ValueError, match="meta_batch_size must be positive"):
+        sampler.sample(0, 0)
+    with pytest.raises(ValueError, match="selects no task"):
+        sampler.sample(0, 4, task_slice=slice(4, 8))
+    with pytest.raises(TypeError, match="task_slice must be a slice"):
+        sampler.sample(0, 4, task_slice=[0, 1])
+    fixed = FixedEpisodes(EQUAL, 5, 1, 1, seed=0, episodes=3)
+    with pytest.raises(IndexError, match="episode 3 out of range for 3"):
+        fixed[3]
+    with pytest.raises(IndexError, match="out of range"):
+        fixed.take([0, 5])
+    with pytest.raises(ValueError, match="episodes must be positive"):
+        FixedEpisodes(EQUAL, 5, 1, 1, seed=0, episodes=0)
+    with pytest.raises(ValueError, match="size must be positive"):
+        next(fixed.batches(0))
+
+
+# ---- real Omniglot -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def omniglot_trainval(data_root, omniglot_cache_dir) -> ClassImages:
+    omniglot = pytest.importorskip("episodes.omniglot")
+    return omniglot.load_omniglot(data_root, "trainval", cache_dir=omniglot_cache_dir)
+
+
+@pytest.mark.data
+def test_omniglot_20_way_5_shot_meta_batch(omniglot_trainval):
+    classes = omniglot_trainval
+    sampler = EpisodeSampler(classes, 20, 5, 15, seed=0, augment_rotations=True)
+    ep = sampler.sample(0, 32)
+    batch = gather(classes, ep)
+    assert batch.support_x.shape == (32, 100, 1, 28, 28)
+    assert batch.query_x.shape == (32, 300, 1, 28, 28)
+    class_of = classes.class_of()
+    assert torch.equal(class_of[ep.support_idx], torch.gather(ep.classes, 1, ep.support_y))
+    assert torch.equal(class_of[ep.query_idx], torch.gather(ep.classes, 1, ep.query_y))
+    rows = torch.cat([ep.support_idx, ep.query_idx], dim=1)
+    assert all(len(set(r.tolist())) == 400 for r in rows)
+    # ink is 1.0 on a 0.0 background and covers a small part of each character
+    assert set(np.unique(batch.support_x.numpy()).tolist()) <= {0.0, 1.0}
+    assert 0.02 < batch.support_x.mean() < 0.4
+    # a turn by k quarter turns is exactly torch.rot90 of the stored image
+    t, e = 3, 17
+    k = int(ep.rotations[t, ep.support_y[t, e]])
+    stored = classes.images[ep.support_idx[t, e]].float() / 255
+    assert torch.equal(batch.support_x[t, e], torch.rot90(stored, k, dims=(1, 2)))
+
+
+@pytest.mark.data
+def test_omniglot_evaluation_set_is_reproducible(omniglot_trainval):
+    a = FixedEpisodes(omniglot_trainval, 5, 1, 15, seed=1, episodes=600)
+    b = FixedEpisodes(omniglot_trainval, 5, 1, 15, seed=1, episodes=600)
+    (everything,) = list(b.batches(600))
+    for got, want in zip(row_of(a[599], 0), row_of(everything, 599), strict=True):
+        assert torch.equal(got, want)

@@ -22,7 +22,7 @@ from metafilm.heads import class_prototypes
 
 
 def task_representation(features: Tensor, onehot: Tensor) -> Tensor:
-    """Mean of the class prototypes ``[D]`` from support ``features [S, D]``, ``onehot [S, ways]``."""
+    """Mean of the class prototypes, ``[D]``: the TADAM task representation."""
     return class_prototypes(features, onehot).mean(-2)
 
 

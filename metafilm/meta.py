@@ -270,7 +270,11 @@ def evaluate(learner: FiLMLearner, episodes: Iterable[Episode], adapt: AdaptSpec
                 start_block = _start_block(learner, episode.support_x)
                 for i in range(episode.tasks):
                     _, metrics = task_loss(
-                        params, buffers, learner, episode.task(i), first_order,
+                        params,
+                        buffers,
+                        learner,
+                        episode.task(i),
+                        first_order,
                         start_block=start_block,
                     )
                     accuracies.append(float(metrics["accuracy"]))

@@ -35,8 +35,7 @@ def conv4(filters: int = 64) -> nn.Sequential:
 
 
 def median_seconds(run: Callable[[int], object], repeats: int) -> float:
-    """Median wall time of `run(r)` over `repeats` calls, after one warm-up call."""
-    run(repeats)
+    """Median wall time of `run(r)` for r in 0..repeats-1."""
     times = []
     for r in range(repeats):
         start = time.perf_counter()
@@ -45,10 +44,10 @@ def median_seconds(run: Callable[[int], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def forward_backward(model: nn.Module, batch: Episode) -> None:
-    """One forward+backward of every task's support and query images, task by task."""
+def forward_backward(model: nn.Module, batch: Episode, tasks: int) -> None:
+    """One forward+backward of the first `tasks` tasks' support and query images, task by task."""
     model.zero_grad(set_to_none=True)
-    for t in range(batch.tasks):
+    for t in range(tasks):
         task = batch.task(t)
         features = model(torch.cat([task.support_x, task.query_x]))
         features.square().mean().backward()
@@ -63,7 +62,7 @@ def main() -> None:
     parser.add_argument("--query", type=int, default=15)
     parser.add_argument("--meta-batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20, help="timed sampling repeats")
-    parser.add_argument("--model-repeats", type=int, default=3, help="timed Conv-4 repeats")
+    parser.add_argument("--model-repeats", type=int, default=1, help="timed Conv-4 repeats")
     args = parser.parse_args()
     if args.data_root is None:
         parser.error("give --data-root or set METAFILM_DATA_ROOT")
@@ -72,14 +71,16 @@ def main() -> None:
     sampler = EpisodeSampler(classes, args.ways, args.shots, args.query, seed=0)
     size = args.meta_batch_size
 
+    index_episodes = [sampler.sample(step, size) for step in range(args.repeats)]  # warm-up
+    gather(classes, index_episodes[0])
     sample_s = median_seconds(lambda step: sampler.sample(step, size), args.repeats)
-    index_episodes = [sampler.sample(step, size) for step in range(args.repeats + 1)]
     gather_s = median_seconds(lambda step: gather(classes, index_episodes[step]), args.repeats)
     both_s = median_seconds(lambda step: gather(classes, sampler.sample(step, size)), args.repeats)
 
     batch = gather(classes, index_episodes[0])
     model = conv4()
-    model_s = median_seconds(lambda _: forward_backward(model, batch), args.model_repeats)
+    forward_backward(model, batch, tasks=1)  # warm-up
+    model_s = median_seconds(lambda _: forward_backward(model, batch, size), args.model_repeats)
 
     images = batch.support_x.shape[0] * (batch.support_x.shape[1] + batch.query_x.shape[1])
     malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}

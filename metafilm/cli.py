@@ -1,0 +1,279 @@
+"""The `metafilm` command: train, pretrain, evaluate, report.
+
+Exit status 0 on success, 1 with a one-line `metafilm: error: ...` for anything a user's config,
+files or data can cause (no traceback), 2 for a malformed command line, 130 when interrupted.
+Genuine bugs still show their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from metafilm.config import load_config
+from metafilm.report import ReportError, accuracy_summary, write_report
+from metafilm.train import (
+    USER_ERRORS,
+    EvalSettings,
+    evaluate_checkpoint,
+    pretrain_run,
+    resolve_checkpoint,
+    train,
+)
+
+RUNS_DIR = Path("runs")
+
+
+class BarProgress:
+    """A tqdm bar per phase with ETA and the smoothed loss and accuracy."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.smoothed: dict[str, float] = {}
+
+    def start(self, phase: str, done: int, total: int) -> None:
+        self.bar = tqdm(total=total, initial=done, desc=phase, unit="step", mininterval=0.5)
+        self.smoothed = {}
+
+    def update(self, done: int, metrics: Mapping[str, float]) -> None:
+        for key in ("loss", "accuracy"):
+            if key in metrics:
+                old = self.smoothed.get(key, metrics[key])
+                self.smoothed[key] = 0.9 * old + 0.1 * metrics[key]
+        assert self.bar is not None
+        self.bar.set_postfix(
+            loss=f"{self.smoothed.get('loss', float('nan')):.3f}",
+            acc=f"{self.smoothed.get('accuracy', float('nan')):.3f}",
+            refresh=False,
+        )
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="the TOML config file (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config setting, validated like the file (repeatable), "
+        "e.g. --set model.width=32 --set train.steps=500",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metafilm",
+        description="Few-shot meta-learning with FiLM adaptation: train, evaluate, report.",
+        epilog="Example: metafilm train configs/quickstart.toml && "
+        "metafilm evaluate runs/quickstart && metafilm report runs/quickstart",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train_parser = commands.add_parser(
+        "train",
+        help="meta-train from a config",
+        description="Meta-train from a TOML config into a run directory (config.toml, "
+        "metrics.jsonl, last.pt, best.pt, tensorboard/). With model.backbone_mode = 'frozen' "
+        "the backbone is first pretrained into the run's backbone.pt, unless pretrain.backbone "
+        "names a file written by 'metafilm pretrain'.",
+    )
+    _add_config_arguments(train_parser)
+    train_parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run directory to write (default: runs/<config file name>)",
+    )
+    train_parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in RUN_DIR from its last checkpoint (same config; train.steps "
+        "may be raised), reaching the same weights as an uninterrupted run",
+    )
+    train_parser.add_argument(
+        "--force",
+        action="store_true",
+        help="delete an existing run directory and start over",
+    )
+
+    pretrain_parser = commands.add_parser(
+        "pretrain",
+        help="pretrain a backbone for frozen-backbone runs",
+        description="Pretrain the backbone by plain classification over the training classes "
+        "(the [pretrain] section) and save it as RUN_DIR/backbone.pt, to be named by "
+        "pretrain.backbone in frozen-backbone configs. ('metafilm train' does this by itself "
+        "when pretrain.backbone is empty.)",
+    )
+    _add_config_arguments(pretrain_parser)
+    pretrain_parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="RUN_DIR",
+        help="directory to write (default: runs/<config file name>-pretrain)",
+    )
+    pretrain_parser.add_argument(
+        "--force", action="store_true", help="delete an existing directory and start over"
+    )
+
+    eval_parser = commands.add_parser(
+        "evaluate",
+        help="test a trained run on fixed seeded episodes",
+        description="Evaluate a checkpoint on fixed seeded episodes for every combination of "
+        "--ways and --shots; write the per-episode accuracies and the protocol to "
+        "<run dir>/eval/*.json. Options left out take the run's [eval] config.",
+    )
+    eval_parser.add_argument(
+        "source", type=Path, metavar="RUN_DIR|CHECKPOINT", help="a run directory or a .pt file"
+    )
+    eval_parser.add_argument(
+        "--checkpoint",
+        choices=("auto", "best", "last"),
+        default="auto",
+        help="which checkpoint of a run directory: best.pt, last.pt, or auto (best.pt if the "
+        "run validated, else last.pt); default auto",
+    )
+    eval_parser.add_argument(
+        "--ways", type=int, nargs="+", metavar="W", help="test ways, one or more (e.g. 5 20)"
+    )
+    eval_parser.add_argument(
+        "--shots", type=int, nargs="+", metavar="K", help="test shots, one or more (e.g. 1 5)"
+    )
+    eval_parser.add_argument("--query", type=int, metavar="Q", help="query images per class")
+    eval_parser.add_argument("--episodes", type=int, metavar="N", help="test episodes per setting")
+    eval_parser.add_argument(
+        "--seed", type=int, metavar="S", help="seed of the fixed episodes (same seed, same tasks)"
+    )
+    eval_parser.add_argument(
+        "--split", metavar="SPLIT", help="dataset split to test on (e.g. test, val)"
+    )
+    eval_parser.add_argument(
+        "--inner-steps",
+        type=int,
+        metavar="N",
+        help="inner-loop steps at test time (default: the run's eval.inner_steps)",
+    )
+    eval_parser.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="data root to read instead of the run's data.root (else METAFILM_DATA_ROOT)",
+    )
+
+    report_parser = commands.add_parser(
+        "report",
+        help="Markdown / JSON / PNG report of runs",
+        description="Write report.md, report.json and PNG figures (training curves, accuracy "
+        "per setting with 95% CI, FiLM diagnostics) from the saved files of one or more runs.",
+    )
+    report_parser.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="run dirs")
+    report_parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="output directory (default: RUN_DIR/report for one run; required for several)",
+    )
+    report_parser.add_argument(
+        "--compare-published",
+        action="store_true",
+        help="add the published results for the same benchmark and setting, with their protocols",
+    )
+    return parser
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    config = load_config(args.config, args.overrides)
+    out = args.out or RUNS_DIR / args.config.stem
+    result = train(config, out, resume=args.resume, force=args.force, progress=BarProgress())
+    best = result.best_val_accuracy
+    print(
+        f"trained {result.step} steps into {out}"
+        + ("" if best is None else f"; best validation accuracy {100 * best:.2f}%")
+        + f". Next: metafilm evaluate {out}"
+    )
+
+
+def _run_pretrain(args: argparse.Namespace) -> None:
+    config = load_config(args.config, args.overrides)
+    out = args.out or RUNS_DIR / f"{args.config.stem}-pretrain"
+    path = pretrain_run(config, out, force=args.force, progress=BarProgress())
+    print(f"pretrained backbone saved to {path}; use it with --set pretrain.backbone={path}")
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    checkpoint = resolve_checkpoint(args.source, args.checkpoint)
+    overrides = {
+        "ways": args.ways,
+        "shots": args.shots,
+        "query": args.query,
+        "episodes": args.episodes,
+        "seed": args.seed,
+        "split": args.split,
+        "inner_steps": args.inner_steps,
+    }
+
+    def show(path: Path, record: dict[str, Any]) -> None:
+        summary = accuracy_summary(record["accuracies"])
+        ci = "" if summary["ci95"] is None else f" ± {100 * summary['ci95']:.2f}"
+        print(
+            f"{record['ways']}-way {record['shots']}-shot on {record['split']!r}: "
+            f"{100 * summary['mean']:.2f}%{ci} over {summary['episodes']} episodes -> {path}"
+        )
+
+    evaluate_checkpoint(
+        checkpoint,
+        overrides=overrides,
+        data_root=args.data_root,
+        on_result=show,
+    )
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    if args.out is None and len(args.runs) > 1:
+        raise ReportError("a report of several runs needs --out DIR")
+    out = args.out or args.runs[0] / "report"
+    written = write_report(args.runs, out, compare_published=args.compare_published)
+    print(f"report written to {written[0]} ({', '.join(path.name for path in written[1:])})")
+
+
+COMMANDS = {
+    "train": _run_train,
+    "pretrain": _run_pretrain,
+    "evaluate": _run_evaluate,
+    "report": _run_report,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `metafilm` command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("metafilm")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        COMMANDS[args.command](args)
+    except (*USER_ERRORS, ReportError) as error:
+        print(f"metafilm: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "metafilm: interrupted; the last checkpoint is kept (continue with --resume)",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        logger.removeHandler(handler)
+    return 0

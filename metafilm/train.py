@@ -1,0 +1,648 @@
+"""The outer loop as a library: run directory, data, validation, checkpoints, logs, exact resume.
+
+A run directory holds::
+
+    config.toml     the resolved config (every value the run used)
+    metrics.jsonl   one JSON row per logged step: the mean of meta_step's metrics over the steps
+                    since the previous row, validation accuracy and CI on validation steps,
+                    `step` and `wall_time` (seconds of training, summed over resumes)
+    last.pt         the latest checkpoint: model, optimiser, step, RNG states, logging window
+    best.pt         the checkpoint with the best validation accuracy so far
+    backbone.pt     the pretrained backbone (frozen-backbone runs only)
+    tensorboard/    TensorBoard event files, when tensorboard is installed
+    eval/           one JSON per evaluated (split, ways, shots, ...) with per-episode accuracies
+
+Exact resume: training task `j` of step `s` is a function of `(seed, s, j)` (`EpisodeSampler`), so
+a checkpoint needs only the step counter beside the weights, the optimiser and the global RNG
+states. On resume `metrics.jsonl` is cut back to the checkpoint's step, and the run continues to
+the same final weights, bit for bit, as an uninterrupted one.
+
+Frozen backbone (`model.backbone_mode = "frozen"`): `train` first pretrains the backbone by plain
+classification over the training classes and keeps it as `backbone.pt` in the run directory (a
+resumed run reuses it), unless `pretrain.backbone` names a file written by `pretrain` to start from.
+
+Written so that a distributed version can split each meta-batch: every process draws its own
+`task_slice` of the step's meta-batch from the same stateless sampler, and only the process that
+owns a `RunWriter` touches the disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from episodes.classes import ClassImages
+from episodes.integrity import CacheError, ChecksumError, atomic_writer
+from episodes.miniimagenet import load_miniimagenet
+from episodes.omniglot import load_omniglot
+from episodes.sampler import Episode, EpisodeSampler, FixedEpisodes
+from metafilm.checkpoint import (
+    CheckpointError,
+    checkpoint_sha256,
+    load_checkpoint,
+    require_keys,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from metafilm.config import (
+    ConfigError,
+    DataConfig,
+    RunConfig,
+    config_from_dict,
+    config_hash,
+    config_to_dict,
+    episodes_fitting,
+    load_config,
+    to_toml,
+    trajectory_differences,
+)
+from metafilm.learner import FiLMLearner
+from metafilm.meta import evaluate, input_builder, make_optimizer, meta_step
+from metafilm.pretrain import pretrain_backbone
+from metafilm.report import CONFIG_FILE, EVAL_DIR, METRICS_FILE, accuracy_summary, read_metrics
+
+LAST = "last.pt"
+BEST = "best.pt"
+BACKBONE = "backbone.pt"
+TENSORBOARD_DIR = "tensorboard"
+EVAL_BATCH = 50
+"""Fixed episodes gathered per batch in evaluation (memory only; results do not depend on it)."""
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used as asked (exists, nothing to resume, other config)."""
+
+
+class DataError(RuntimeError):
+    """A dataset split that cannot be loaded (missing, corrupt, misplaced files)."""
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss; the last good checkpoint is kept."""
+
+
+USER_ERRORS = (ConfigError, CheckpointError, RunError, DataError, DivergedError)
+"""What a user's input (config, files, data) can cause; the CLI reports them in one line."""
+
+
+class Progress(Protocol):
+    """Where training reports its progress (the CLI's progress bar)."""
+
+    def start(self, phase: str, done: int, total: int) -> None: ...
+
+    def update(self, done: int, metrics: Mapping[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def load_split(data: DataConfig, split: str) -> ClassImages:
+    """One split of the configured dataset; any problem with the files is a `DataError`."""
+    root = data.root or None
+    cache_dir = data.cache_dir or None
+    try:
+        if data.dataset == "omniglot":
+            return load_omniglot(root, split, image_size=data.image_size, cache_dir=cache_dir)
+        return load_miniimagenet(
+            root, split, format=data.format, image_size=data.image_size, cache_dir=cache_dir
+        )
+    except (FileNotFoundError, ValueError, ChecksumError, CacheError) as error:
+        raise DataError(f"cannot load {data.dataset} split {split!r}: {error}") from None
+
+
+def build_learner(config: RunConfig) -> FiLMLearner:
+    """The learner a config describes; settings the model rejects become a `ConfigError`."""
+    try:
+        return FiLMLearner(config.model, config.adapt)
+    except ValueError as error:
+        raise ConfigError(f"[model] / [adapt] settings rejected: {error}") from None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global torch, numpy and Python generators (model initialisation)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    """The resolved config saved in a run directory."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a metafilm run directory (no {CONFIG_FILE})")
+    return load_config(path)
+
+
+def check_run_dir(run_dir: Path, config: RunConfig, *, resume: bool, force: bool) -> None:
+    """Refuse, before any work, a run directory that cannot be used as asked. Changes nothing."""
+    if resume and force:
+        raise RunError("--resume continues a run and --force starts it over: pass only one")
+    if resume:
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise RunError(
+                f"nothing to resume: {run_dir} has no {CONFIG_FILE}; start without --resume"
+            )
+        differences = trajectory_differences(read_run_config(run_dir), config)
+        if differences:
+            raise RunError(
+                f"cannot resume {run_dir} with another config ({'; '.join(differences)}); only "
+                f"train.steps and data paths may change. Use the saved {run_dir / CONFIG_FILE}, "
+                f"a new --out, or --force to start over"
+            )
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if not force:
+            raise RunError(
+                f"run directory {run_dir} already exists; pass --resume to continue it or "
+                f"--force to start it over"
+            )
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise RunError(
+                f"{run_dir} exists and is not a metafilm run directory (no {CONFIG_FILE}); "
+                f"--force only replaces run directories: choose another --out"
+            )
+
+
+def start_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
+    """Create (or, after `check_run_dir` allowed it, clear) the run directory; save the config."""
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(run_dir / CONFIG_FILE) as file:
+        file.write(to_toml(config).encode("utf-8"))
+
+
+def _finite(metrics: Mapping[str, float]) -> bool:
+    return all(math.isfinite(value) for value in metrics.values())
+
+
+@dataclass
+class LogWindow:
+    """Sums of the training metrics since the last logged row (saved in checkpoints, so a resumed
+    run logs the same means)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, metrics: Mapping[str, float]) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def flush(self) -> dict[str, float]:
+        means = {key: total / self.count for key, total in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+
+class RunWriter:
+    """Everything a training run writes: metrics rows, TensorBoard events, checkpoints.
+
+    In a distributed run only one process would own one.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int) -> None:
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / METRICS_FILE
+        truncate_metrics(self.metrics_path, resume_step)
+        self.tensorboard = _tensorboard_writer(run_dir / TENSORBOARD_DIR, resume_step + 1)
+
+    def row(self, row: Mapping[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(row) + "\n")
+            file.flush()
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, row["step"])
+
+    def checkpoint(self, name: str, payload: dict[str, Any]) -> None:
+        save_checkpoint(self.run_dir / name, payload)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the rows of `metrics.jsonl` up to `step` (and drop a half-written last line)."""
+    if not path.exists():
+        return
+    rows = [row for row in read_metrics(path) if row.get("step", math.inf) <= step]
+    with atomic_writer(path) as file:
+        file.write("".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
+
+
+def _tensorboard_writer(log_dir: Path, purge_step: int) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info(
+            "info: tensorboard is not installed, so no TensorBoard event files are written "
+            "(pip install 'metafilm[tensorboard]' to get them)"
+        )
+        return None
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
+
+
+def fixed_batches(
+    source: FixedEpisodes, build: Callable[[Any], Episode], size: int = EVAL_BATCH
+) -> Iterator[Episode]:
+    """The fixed episodes as model inputs, `size` tasks at a time."""
+    return (build(batch) for batch in source.batches(size))
+
+
+def _backbone_payload(learner: FiLMLearner, config: RunConfig) -> dict[str, Any]:
+    return {
+        "kind": "backbone",
+        "backbone": learner.backbone.state_dict(),
+        "config": config_to_dict(config),
+    }
+
+
+def pretrain(
+    config: RunConfig,
+    learner: FiLMLearner,
+    classes: ClassImages,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Pretrain `learner.backbone` in place on `classes`; return the backbone file's payload."""
+    settings = config.pretrain
+    if progress is not None:
+        progress.start("pretrain", 0, settings.steps)
+
+    def on_step(step: int, loss: float, accuracy: float) -> None:
+        if not math.isfinite(loss):
+            raise DivergedError(
+                f"pretraining loss became {loss} at step {step + 1}; lower pretrain.lr"
+            )
+        if progress is not None:
+            progress.update(step + 1, {"loss": loss, "accuracy": accuracy})
+
+    try:
+        pretrain_backbone(
+            learner.backbone,
+            classes,
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            seed=config.train.seed,
+            on_step=on_step,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    return _backbone_payload(learner, config)
+
+
+def load_backbone(learner: FiLMLearner, path: Path) -> None:
+    """Load a backbone file written by `pretrain` into `learner.backbone`."""
+    payload = load_checkpoint(path)
+    require_keys(payload, ("kind", "backbone"), path)
+    if payload["kind"] != "backbone":
+        raise CheckpointError(f"{path} is a {payload['kind']} checkpoint, not a backbone file")
+    try:
+        learner.backbone.load_state_dict(payload["backbone"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"backbone file {path} does not fit model {learner.model_spec.backbone} of width "
+            f"{learner.model_spec.width}: {error}"
+        ) from None
+
+
+def _prepare_frozen_backbone(
+    config: RunConfig, learner: FiLMLearner, run_dir: Path, classes: ClassImages, progress: Any
+) -> None:
+    given = Path(config.pretrain.backbone) if config.pretrain.backbone else None
+    own = run_dir / BACKBONE
+    if given is not None:
+        load_backbone(learner, given)
+    elif own.is_file():
+        log.info(f"using the pretrained backbone {own}")
+        load_backbone(learner, own)
+    else:
+        save_checkpoint(own, pretrain(config, learner, classes, progress))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a finished run stands."""
+
+    run_dir: Path
+    step: int
+    best_val_accuracy: float | None
+
+
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Meta-train as `config` says into `run_dir` (see the module docstring).
+
+    Everything is checked before the run directory changes: the run directory, the data (split
+    sizes against the episode shapes), the model settings.
+    """
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, config, resume=resume, force=force)
+    data = config.data
+    train_classes = load_split(data, data.train_split)
+    sampler = episodes_fitting(
+        "data.ways / data.shots / data.query",
+        data.train_split,
+        lambda: EpisodeSampler(
+            train_classes,
+            data.ways,
+            data.shots,
+            data.query,
+            seed=config.train.seed,
+            augment_rotations=data.augment_rotations,
+        ),
+    )
+    validation = None
+    if config.train.val_every:
+        val_classes = load_split(data, data.val_split)
+        validation = episodes_fitting(
+            "data.ways / data.shots / data.query",
+            data.val_split,
+            lambda: FixedEpisodes(
+                val_classes,
+                data.ways,
+                data.shots,
+                data.query,
+                seed=config.train.val_seed,
+                episodes=config.train.val_episodes,
+            ),
+        )
+    seed_everything(config.train.seed)
+    learner = build_learner(config)
+    checkpoint = _resume_payload(run_dir, config) if resume else None
+    start_run_dir(run_dir, config, resume=resume)
+    if learner.frozen and checkpoint is None:
+        _prepare_frozen_backbone(config, learner, run_dir, train_classes, progress)
+    optimizer = make_optimizer(learner, config.outer)
+    step, elapsed, best, window = 0, 0.0, None, LogWindow()
+    if checkpoint is not None:
+        learner.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_rng_state(checkpoint["rng"])
+        step, elapsed, best = checkpoint["step"], checkpoint["wall_time"], checkpoint["best"]
+        window = LogWindow(dict(checkpoint["window"]["sums"]), checkpoint["window"]["count"])
+        log.info(f"resuming {run_dir} from step {step}")
+    else:
+        seed_everything(config.train.seed)  # the same start whether or not pretraining ran
+    build_train = input_builder(learner, train_classes)
+    build_val = input_builder(learner, val_classes) if validation is not None else None
+    writer = RunWriter(run_dir, step)
+    settings = config.train
+    total = settings.steps
+    if progress is not None:
+        progress.start("train", step, total)
+    try:
+        while step < total:
+            started = time.perf_counter()
+            # One process draws the whole meta-batch; a distributed rank would pass its own slice.
+            tasks = sampler.sample(step, config.outer.meta_batch_size, task_slice=slice(None))
+            metrics = meta_step(learner, optimizer, build_train(tasks), config.adapt, config.outer)
+            if not _finite(metrics):
+                bad = ", ".join(f"{k} = {v}" for k, v in metrics.items() if not math.isfinite(v))
+                raise DivergedError(
+                    f"training diverged at step {step + 1}: {bad}. The last good checkpoint "
+                    f"{run_dir / LAST} is kept; lower adapt.inner_lr or outer.lr, then start "
+                    f"over with --force"
+                )
+            step += 1
+            window.add(metrics)
+            row: dict[str, Any] = {}
+            if step % settings.log_every == 0 or step == total:
+                row.update(window.flush())
+            improved = False
+            if validation is not None and (step % settings.val_every == 0 or step == total):
+                summary = accuracy_summary(
+                    evaluate(learner, fixed_batches(validation, build_val), config.adapt)
+                )
+                row.update(val_accuracy=summary["mean"], val_ci95=summary["ci95"])
+                improved = best is None or summary["mean"] > best
+                best = summary["mean"] if improved else best
+            elapsed += time.perf_counter() - started
+            if row:
+                writer.row({"step": step, "wall_time": round(elapsed, 3), **row})
+            if improved or step % settings.checkpoint_every == 0 or step == total:
+                payload = {
+                    "kind": "train",
+                    "step": step,
+                    "config": config_to_dict(config),
+                    "config_hash": config_hash(config),
+                    "model": learner.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rng_state(),
+                    "wall_time": elapsed,
+                    "best": best,
+                    "window": {"sums": dict(window.sums), "count": window.count},
+                }
+                if improved:
+                    writer.checkpoint(BEST, payload)
+                if step % settings.checkpoint_every == 0 or step == total:
+                    writer.checkpoint(LAST, payload)
+            if progress is not None:
+                progress.update(step, metrics)
+    finally:
+        writer.close()
+        if progress is not None:
+            progress.close()
+    return TrainResult(run_dir, step, best)
+
+
+def _resume_payload(run_dir: Path, config: RunConfig) -> dict[str, Any] | None:
+    """The last checkpoint of a run to resume, checked against `config` (None before the first
+    checkpoint: the run starts again from step 0)."""
+    path = run_dir / LAST
+    if not path.exists():
+        log.info(f"{run_dir} has no {LAST} yet: starting it from step 0")
+        return None
+    payload = load_checkpoint(path)
+    require_keys(
+        payload,
+        ("kind", "step", "config_hash", "model", "optimizer", "rng", "wall_time", "best", "window"),
+        path,
+    )
+    if payload["config_hash"] != config_hash(config):
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run with another config; use the run's own "
+            f"{run_dir / CONFIG_FILE} or start over with --force"
+        )
+    if payload["step"] > config.train.steps:
+        raise ConfigError(
+            f"train.steps = {config.train.steps} is below the step {payload['step']} that "
+            f"{path} reached; raise train.steps to continue"
+        )
+    return payload
+
+
+def pretrain_run(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Pretrain a backbone into `run_dir/backbone.pt`, for `pretrain.backbone` of later runs."""
+    run_dir = Path(run_dir)
+    if config.model.backbone_mode != "frozen":
+        raise ConfigError(
+            'metafilm pretrain is for model.backbone_mode = "frozen" (an outer-trained backbone '
+            "learns in train itself); set it with --set model.backbone_mode=frozen"
+        )
+    check_run_dir(run_dir, config, resume=False, force=force)
+    classes = load_split(config.data, config.data.train_split)
+    seed_everything(config.train.seed)
+    learner = build_learner(config)
+    start_run_dir(run_dir, config, resume=False)
+    save_checkpoint(run_dir / BACKBONE, pretrain(config, learner, classes, progress))
+    return run_dir / BACKBONE
+
+
+def resolve_checkpoint(source: str | Path, which: str = "auto") -> Path:
+    """The checkpoint file meant by a run directory or a file path.
+
+    For a run directory: `best` is best.pt, `last` is last.pt, `auto` is best.pt if the run
+    validated, else last.pt.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise RunError(f"{source} does not exist: give a run directory or a checkpoint file")
+    if source.is_file():
+        return source
+    names = {"best": [BEST], "last": [LAST], "auto": [BEST, LAST]}[which]
+    for name in names:
+        if (source / name).is_file():
+            return source / name
+    raise RunError(f"{source} has no {' or '.join(names)}: train it first")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """A fixed-episode evaluation protocol; `ways` and `shots` give every combination."""
+
+    ways: Sequence[int]
+    shots: Sequence[int]
+    query: int
+    episodes: int
+    seed: int
+    split: str
+    inner_steps: int
+
+
+def evaluation_name(checkpoint: Path, ways: int, shots: int, settings: EvalSettings) -> str:
+    """File name of one evaluation: every protocol setting that changes the numbers."""
+    return (
+        f"{checkpoint.stem}_{settings.split}_{ways}w{shots}s_q{settings.query}"
+        f"_n{settings.episodes}_seed{settings.seed}_inner{settings.inner_steps}.json"
+    )
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    settings: EvalSettings | None = None,
+    *,
+    data_root: str | None = None,
+    on_result: Callable[[Path, dict[str, Any]], None] | None = None,
+) -> list[Path]:
+    """Evaluate a training checkpoint on fixed seeded episodes for every (ways, shots); write one
+    JSON per setting into `<run dir>/eval/` (the run dir is the checkpoint's folder). `settings`
+    default to the run's [eval] config; `data_root` replaces the saved data.root."""
+    payload = load_checkpoint(checkpoint)
+    require_keys(payload, ("kind", "config", "model", "step"), checkpoint)
+    if payload["kind"] != "train":
+        raise CheckpointError(
+            f"{checkpoint} is a {payload['kind']} file, not a training checkpoint"
+        )
+    config = config_from_dict(payload["config"])
+    if data_root is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=data_root))
+    if settings is None:
+        e = config.eval
+        settings = EvalSettings(
+            e.ways, e.shots, e.query, e.episodes, e.seed, e.split, e.inner_steps
+        )
+    if config.model.head == "linear" and set(settings.ways) != {config.data.ways}:
+        raise ConfigError(
+            f"--ways {' '.join(map(str, settings.ways))}: this run's linear head has "
+            f"{config.data.ways} outputs, so it can only be tested {config.data.ways}-way"
+        )
+    learner = build_learner(config)
+    learner.load_state_dict(payload["model"])
+    classes = load_split(config.data, settings.split)
+    build = input_builder(learner, classes)
+    adapt = dataclasses.replace(config.adapt, inner_steps=settings.inner_steps)
+    sha256 = checkpoint_sha256(checkpoint)
+    sources = {
+        (ways, shots): episodes_fitting(
+            "--ways / --shots / --query",
+            settings.split,
+            lambda ways=ways, shots=shots: FixedEpisodes(
+                classes,
+                ways,
+                shots,
+                settings.query,
+                seed=settings.seed,
+                episodes=settings.episodes,
+            ),
+        )
+        for ways in settings.ways
+        for shots in settings.shots
+    }
+    written = []
+    for (ways, shots), source in sources.items():
+        accuracies = evaluate(learner, fixed_batches(source, build), adapt)
+        record = {
+            "dataset": config.data.dataset,
+            "image_size": config.data.image_size,
+            "split": settings.split,
+            "ways": ways,
+            "shots": shots,
+            "query": settings.query,
+            "episodes": settings.episodes,
+            "episode_seed": settings.seed,
+            "inner_steps_train": config.adapt.inner_steps,
+            "inner_steps_test": settings.inner_steps,
+            "inner_lr": config.adapt.inner_lr,
+            "train_ways": config.data.ways,
+            "train_shots": config.data.shots,
+            "train_query": config.data.query,
+            "bn_mode": config.model.bn_mode,
+            "transductive_bn": config.model.bn_mode == "episode",
+            "backbone": config.model.backbone,
+            "width": config.model.width,
+            "backbone_mode": config.model.backbone_mode,
+            "film_sites": list(learner.used_sites),
+            "encoder": config.model.encoder,
+            "head": config.model.head,
+            "checkpoint": checkpoint.name,
+            "checkpoint_step": payload["step"],
+            "checkpoint_sha256": sha256,
+            "accuracies": accuracies.tolist(),
+        }
+        path = checkpoint.parent / EVAL_DIR / evaluation_name(checkpoint, ways, shots, settings)
+        with atomic_writer(path) as file:
+            file.write((json.dumps(record, indent=1) + "\n").encode("utf-8"))
+        written.append(path)
+        if on_result is not None:
+            on_result(path, record)
+    return written

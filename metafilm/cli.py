@@ -20,7 +20,6 @@ from metafilm.config import load_config
 from metafilm.report import ReportError, accuracy_summary, write_report
 from metafilm.train import (
     USER_ERRORS,
-    EvalSettings,
     evaluate_checkpoint,
     pretrain_run,
     resolve_checkpoint,
@@ -231,12 +230,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
             f"{100 * summary['mean']:.2f}%{ci} over {summary['episodes']} episodes -> {path}"
         )
 
-    evaluate_checkpoint(
-        checkpoint,
-        overrides=overrides,
-        data_root=args.data_root,
-        on_result=show,
-    )
+    evaluate_checkpoint(checkpoint, overrides, data_root=args.data_root, on_result=show)
 
 
 def _run_report(args: argparse.Namespace) -> None:

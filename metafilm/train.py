@@ -35,7 +35,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,6 +60,7 @@ from metafilm.checkpoint import (
 from metafilm.config import (
     ConfigError,
     DataConfig,
+    EvalConfig,
     RunConfig,
     config_from_dict,
     config_hash,
@@ -536,20 +537,7 @@ def resolve_checkpoint(source: str | Path, which: str = "auto") -> Path:
     raise RunError(f"{source} has no {' or '.join(names)}: train it first")
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    """A fixed-episode evaluation protocol; `ways` and `shots` give every combination."""
-
-    ways: Sequence[int]
-    shots: Sequence[int]
-    query: int
-    episodes: int
-    seed: int
-    split: str
-    inner_steps: int
-
-
-def evaluation_name(checkpoint: Path, ways: int, shots: int, settings: EvalSettings) -> str:
+def evaluation_name(checkpoint: Path, ways: int, shots: int, settings: EvalConfig) -> str:
     """File name of one evaluation: every protocol setting that changes the numbers."""
     return (
         f"{checkpoint.stem}_{settings.split}_{ways}w{shots}s_q{settings.query}"
@@ -559,32 +547,33 @@ def evaluation_name(checkpoint: Path, ways: int, shots: int, settings: EvalSetti
 
 def evaluate_checkpoint(
     checkpoint: Path,
-    settings: EvalSettings | None = None,
+    eval_overrides: Mapping[str, Any] | None = None,
     *,
     data_root: str | None = None,
     on_result: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> list[Path]:
     """Evaluate a training checkpoint on fixed seeded episodes for every (ways, shots); write one
-    JSON per setting into `<run dir>/eval/` (the run dir is the checkpoint's folder). `settings`
-    default to the run's [eval] config; `data_root` replaces the saved data.root."""
+    JSON per setting into `<run dir>/eval/` (the run dir is the checkpoint's folder).
+
+    The protocol is the run's [eval] section with `eval_overrides` (keys of [eval]; None values
+    ignored) applied and validated like a config file; `data_root` replaces the saved data.root.
+    """
     payload = load_checkpoint(checkpoint)
     require_keys(payload, ("kind", "config", "model", "step"), checkpoint)
     if payload["kind"] != "train":
         raise CheckpointError(
             f"{checkpoint} is a {payload['kind']} file, not a training checkpoint"
         )
-    config = config_from_dict(payload["config"])
+    raw = {section: dict(table) for section, table in payload["config"].items()}
+    raw["eval"].update({k: v for k, v in (eval_overrides or {}).items() if v is not None})
     if data_root is not None:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=data_root))
-    if settings is None:
-        e = config.eval
-        settings = EvalSettings(
-            e.ways, e.shots, e.query, e.episodes, e.seed, e.split, e.inner_steps
-        )
+        raw["data"]["root"] = data_root
+    config = config_from_dict(raw)
+    settings = config.eval
     if config.model.head == "linear" and set(settings.ways) != {config.data.ways}:
         raise ConfigError(
-            f"--ways {' '.join(map(str, settings.ways))}: this run's linear head has "
-            f"{config.data.ways} outputs, so it can only be tested {config.data.ways}-way"
+            f"eval.ways = {list(settings.ways)}: this run's linear head has {config.data.ways} "
+            f"outputs, so it can only be tested {config.data.ways}-way"
         )
     learner = build_learner(config)
     learner.load_state_dict(payload["model"])
@@ -594,7 +583,7 @@ def evaluate_checkpoint(
     sha256 = checkpoint_sha256(checkpoint)
     sources = {
         (ways, shots): episodes_fitting(
-            "--ways / --shots / --query",
+            "eval.ways / eval.shots / eval.query",
             settings.split,
             lambda ways=ways, shots=shots: FixedEpisodes(
                 classes,

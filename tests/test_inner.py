@@ -76,10 +76,10 @@ def test_second_order_differentiates_through_the_inner_gradient_and_first_order_
             differentiate=differentiate,
         )
         loss = 0.5 * (_flat(out) - query).pow(2).sum()
-        (grads[first_order],) = torch.autograd.grad(loss, w, allow_unused=True)
+        grads[first_order] = torch.autograd.grad(loss, w)[0] if loss.requires_grad else None
     d1 = _flat(start) - lr * (_flat(start) - w.detach())
     torch.testing.assert_close(grads[False], lr * (d1 - query), rtol=1e-12, atol=1e-12)
-    assert grads[True] is None or torch.count_nonzero(grads[True]) == 0
+    assert grads[True] is None  # the query loss does not depend on w at all
 
 
 @pytest.mark.parametrize("differentiate", ["autograd", "func"])

@@ -1,0 +1,109 @@
+"""Lake et al. one-shot runs: facts of the real all_runs.zip, layout, conventions, errors."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from episodes.integrity import ChecksumError
+from episodes.lake import LakeRuns, load_lake_runs
+from episodes.omniglot import decode_glyph
+
+
+@pytest.fixture(scope="module")
+def runs(data_root) -> LakeRuns:
+    return load_lake_runs(data_root)
+
+
+def _runs_zip(data_root: Path) -> Path:
+    return data_root / "omniglot" / "lake_runs" / "all_runs.zip"
+
+
+def test_shapes(runs):
+    assert runs.support_images.shape == (20, 20, 1, 28, 28)
+    assert runs.query_images.shape == (20, 20, 1, 28, 28)
+    assert runs.support_images.dtype == runs.query_images.dtype == torch.uint8
+    assert runs.query_labels.numel() == 400
+    assert torch.equal(runs.support_labels, torch.arange(20).expand(20, 20))
+
+
+def test_labels_follow_class_labels_files(runs, data_root):
+    with zipfile.ZipFile(_runs_zip(data_root)) as archive:
+        for run in range(20):
+            text = archive.read(f"run{run + 1:02d}/class_labels.txt").decode()
+            pairs = [line.split() for line in text.splitlines() if line]
+            assert [item for item, _ in pairs] == [
+                f"run{run + 1:02d}/test/item{k:02d}.png" for k in range(1, 21)
+            ]
+            truth = [int(klass[-6:-4]) - 1 for _, klass in pairs]  # ".../classJJ.png" -> JJ-1
+            assert runs.query_labels[run].tolist() == truth
+    assert runs.query_labels.min() == 0 and runs.query_labels.max() == 19
+    sorted_labels = runs.query_labels.sort(dim=1).values
+    assert torch.equal(sorted_labels, torch.arange(20).expand(20, 20))  # one item per class
+
+
+def test_images_follow_omniglot_conventions(runs, data_root):
+    with zipfile.ZipFile(_runs_zip(data_root)) as archive:
+        support = decode_glyph(archive.read("run07/training/class03.png"), 28)
+        query = decode_glyph(archive.read("run07/test/item11.png"), 28)
+    assert torch.equal(runs.support_images[6, 2, 0], torch.from_numpy(support))
+    assert torch.equal(runs.query_images[6, 10, 0], torch.from_numpy(query))
+    grey = (runs.query_images > 0) & (runs.query_images < 255)
+    assert grey.any(dim=(2, 3, 4)).all(), "every image has antialiased grey levels"
+    assert (runs.support_images == 0).float().mean() > 0.7  # ink 255 on a 0 background
+    assert runs.support_images.float().mean() < 40
+
+
+def test_runs_and_drawings_differ(runs):
+    flat = runs.support_images.flatten(1)
+    assert len({tuple(row.tolist()) for row in flat}) == 20
+    for run in range(20):
+        for item in range(20):
+            label = runs.query_labels[run, item]
+            assert not torch.equal(runs.query_images[run, item], runs.support_images[run, label])
+
+
+def test_episode_layout(runs):
+    episode = runs.episode()
+    assert (
+        episode.support_x.shape == (20, 20, 1, 28, 28) and episode.support_x.dtype == torch.float32
+    )
+    assert episode.tasks == 20 and episode.ways == 20 and episode.shots == 1 and episode.query == 1
+    assert torch.equal(episode.query_y, torch.arange(20).expand(20, 20))
+    assert episode.query_x.min() >= 0.0 and episode.query_x.max() <= 1.0
+    run, item = 3, 5
+    label = int(runs.query_labels[run, item])
+    assert torch.equal(episode.query_x[run, label], runs.query_images[run, item].float() / 255)
+    assert torch.equal(episode.support_x[run, label], runs.support_images[run, label].float() / 255)
+
+
+def test_image_size(data_root):
+    assert load_lake_runs(data_root, image_size=14).query_images.shape == (20, 20, 1, 14, 14)
+    with pytest.raises(ValueError, match="image_size"):
+        load_lake_runs(data_root, image_size=-3)
+
+
+def test_missing_zip_says_where(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        load_lake_runs(tmp_path)
+    assert str(tmp_path / "omniglot" / "lake_runs" / "all_runs.zip") in str(error.value)
+    assert "brendenlake/omniglot" in str(error.value)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_zip_is_a_clear_error(data_root, tmp_path, damage):
+    data = bytearray(_runs_zip(data_root).read_bytes())
+    if damage == "flip":
+        data[1000] ^= 0x01
+    else:
+        data = data[:-500]
+    path = tmp_path / "omniglot" / "lake_runs" / "all_runs.zip"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(data))
+    with pytest.raises(
+        ChecksumError, match="437c1eeab0af8484" if damage == "flip" else "truncated"
+    ):
+        load_lake_runs(tmp_path)

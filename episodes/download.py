@@ -185,8 +185,14 @@ def _transfer(url: str, part: Path, timeout_s: float) -> None:
     except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
         raise _Interrupted(str(getattr(error, "reason", error))) from error
     with response:
-        match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
-        resumed = offset > 0 and response.status == 206 and match and int(match[1]) == offset
+        resumed = response.status == 206
+        if resumed:
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+            if offset == 0 or match is None or int(match[1]) != offset:
+                part.unlink(missing_ok=True)
+                raise _Interrupted(
+                    f"asked for bytes from {offset:,}, the server sent another range"
+                )
         start = offset if resumed else 0
         length = response.headers.get("Content-Length")
         total = start + int(length) if length is not None else None

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from episodes.integrity import KnownVersion, resolve_data_root, verify_file
-from episodes.omniglot import decode_glyph
+from episodes.omniglot import check_image_size, decode_glyph
 from episodes.sampler import Episode
 
 LAKE_RUNS_URL = (
@@ -84,8 +84,7 @@ def load_lake_runs(root: str | os.PathLike[str] | None = None, *, image_size: in
 
     The zip is checked against its published sha256; images are resized to `image_size`.
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int (e.g. 28), got {image_size!r}")
+    check_image_size(image_size)
     path = resolve_data_root(root) / "omniglot" / "lake_runs" / "all_runs.zip"
     if not path.is_file():
         raise FileNotFoundError(
@@ -97,8 +96,6 @@ def load_lake_runs(root: str | os.PathLike[str] | None = None, *, image_size: in
         runs = sorted(
             {name.split("/")[0] for name in members if _RUN.fullmatch(name.split("/")[0])}
         )
-        if not runs:
-            raise ValueError(f"{path} holds no runNN/ folders")
         parsed = [_read_run(archive, members, run, image_size, path) for run in runs]
     return LakeRuns(
         support_images=torch.from_numpy(np.stack([s for s, _, _ in parsed])).unsqueeze(2),

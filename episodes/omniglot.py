@@ -80,6 +80,12 @@ _RESAMPLE = Image.Resampling.BILINEAR
 _CACHE_FORMAT = {"format": "metafilm-omniglot-characters", "version": 1, "ink": "255 on 0"}
 
 
+def check_image_size(image_size: int) -> None:
+    """Reject an `image_size` that is not a positive int, saying what was given."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int (e.g. 28), got {image_size!r}")
+
+
 def decode_glyph(png: bytes, image_size: int) -> np.ndarray:
     """Decode one Omniglot PNG to uint8 `[image_size, image_size]`, ink 255 on 0 (see module)."""
     with Image.open(io.BytesIO(png)) as image:
@@ -146,8 +152,7 @@ def load_omniglot(
     `omniglot_alphabets`), e.g. to hold background alphabets out for validation.
     """
     _check_split(split)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int (e.g. 28), got {image_size!r}")
+    check_image_size(image_size)
     folder = resolve_data_root(root) / "omniglot"
     zip_names = _ZIPS_OF_SPLIT[split]
     missing = [name for name in zip_names if not (folder / name).is_file()]
@@ -161,7 +166,7 @@ def load_omniglot(
     classes = _split_classes(folder, split, sources)
     if alphabets is not None:
         classes = _select_alphabets(classes, alphabets, split)
-    images = torch.cat([source.images for source in sources])
+    images = np.concatenate([source.images[:, 0].numpy() for source in sources])
     spans, shift = {}, 0
     for source in sources:
         bounds = source.offsets.tolist()
@@ -179,19 +184,22 @@ def load_omniglot(
 
 
 def _rotated_classes(
-    images: torch.Tensor, spans: list[tuple[int, int]], turns: list[int], names: list[str]
+    images: np.ndarray, spans: list[tuple[int, int]], turns: list[int], names: list[str]
 ) -> ClassImages:
-    """Gather the rows `start:stop` of each class and turn them `turns` quarter turns (CCW)."""
-    starts = torch.tensor([start for start, _ in spans], dtype=torch.int64)
-    sizes = torch.tensor([stop - start for start, stop in spans], dtype=torch.int64)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
-    within = torch.arange(int(offsets[-1])) - torch.repeat_interleave(offsets[:-1], sizes)
-    selected = images.index_select(0, torch.repeat_interleave(starts, sizes) + within)
-    turns_of_row = torch.repeat_interleave(torch.tensor(turns, dtype=torch.int64), sizes)
-    for quarter_turns in (1, 2, 3):
-        rows = (turns_of_row == quarter_turns).nonzero().squeeze(1)
-        selected[rows] = torch.rot90(selected[rows], quarter_turns, dims=(-2, -1))
-    return ClassImages(selected, offsets, tuple(names))
+    """Gather the rows `start:stop` of each class, turned `turns` quarter turns counter-clockwise.
+
+    numpy, not torch: `np.rot90` is a view, so each image is copied once, straight into place.
+    """
+    starts = np.array([start for start, _ in spans], dtype=np.int64)
+    sizes = np.array([stop - start for start, stop in spans], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    rows = np.repeat(starts - offsets[:-1], sizes) + np.arange(offsets[-1])
+    turns_of_row = np.repeat(np.array(turns, dtype=np.int64), sizes)
+    selected = np.empty((offsets[-1], 1, *images.shape[1:]), dtype=np.uint8)
+    for quarter_turns in range(4):
+        where = np.flatnonzero(turns_of_row == quarter_turns)
+        selected[where, 0] = np.rot90(images, quarter_turns, axes=(1, 2))[rows[where]]
+    return ClassImages(torch.from_numpy(selected), torch.from_numpy(offsets), tuple(names))
 
 
 def omniglot_alphabets(
@@ -276,6 +284,8 @@ def _select_alphabets(
 ) -> list[tuple[str, int]]:
     if isinstance(alphabets, str):
         raise TypeError(f"alphabets must be a list of alphabet names, not the string {alphabets!r}")
+    if not alphabets:
+        raise ValueError("alphabets is empty; pass alphabet names, or None for the whole split")
     available = sorted({character.split("/")[0] for character, _ in classes})
     unknown = sorted(set(alphabets) - set(available))
     if unknown:

@@ -317,8 +317,13 @@ def input_builder(
     end_block = learner.first_used_block
     backbone = learner.backbone
     images = classes.images
+    dtype = next(backbone.parameters()).dtype
+
+    def pixels(rows: slice) -> Tensor:  # as gather makes them, then in the backbone's dtype
+        return images[rows].to(torch.float32).div_(255).to(dtype)
+
     with torch.no_grad():
-        per_image = backbone.prefix(images[:1].to(torch.float32).div_(255), end_block)[0]
+        per_image = backbone.prefix(pixels(slice(0, 1)), end_block)[0]
         needed = per_image.numel() * per_image.element_size() * len(images)
         if needed > max_cache_bytes:
             warnings.warn(
@@ -329,7 +334,7 @@ def input_builder(
             return partial(gather, classes)
         features = torch.cat(
             [
-                backbone.prefix(images[i : i + batch_size].to(torch.float32).div_(255), end_block)
+                backbone.prefix(pixels(slice(i, i + batch_size)), end_block)
                 for i in range(0, len(images), batch_size)
             ]
         )

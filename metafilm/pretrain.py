@@ -63,7 +63,7 @@ def pretrain_backbone(
             optimizer.step()
             if on_step is not None:
                 accuracy = (logits.argmax(-1) == targets).float().mean()
-                on_step(step, float(loss), float(accuracy))
+                on_step(step, float(loss.detach()), float(accuracy))
     finally:
         for p, flag in zip(parameters, flags, strict=True):
             p.requires_grad_(flag)

@@ -29,6 +29,32 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_DIR = "eval"
 CI_Z = 1.96
 STD_KIND = "sample standard deviation (ddof=1)"
+EVAL_ORDER = (
+    "split",
+    "ways",
+    "shots",
+    "checkpoint",
+    "query",
+    "episodes",
+    "episode_seed",
+    "inner_steps_test",
+)
+"""How evaluations of a run are listed."""
+EVAL_KEYS = (
+    *EVAL_ORDER,
+    "dataset",
+    "inner_steps_train",
+    "train_ways",
+    "train_shots",
+    "bn_mode",
+    "backbone",
+    "width",
+    "film_sites",
+    "checkpoint_step",
+    "checkpoint_sha256",
+    "accuracies",
+)
+"""What every evaluation file holds (written by `metafilm.train.evaluate_checkpoint`)."""
 FIGURES = ("training_curves.png", "accuracy.png", "film_diagnostics.png")
 
 
@@ -68,6 +94,8 @@ class Published:
     accuracy: float
     plus_minus: float | None
     protocol: str
+    decimals: int = 1
+    """Decimals as published."""
 
 
 def _published_table() -> tuple[Published, ...]:
@@ -163,8 +191,11 @@ def _published_table() -> tuple[Published, ...]:
         ),
         ("Simple CNAPs", "ResNet-18 + FiLM", (53.2, 0.9), (70.8, 0.7), "600 tasks"),
     ):
+        decimals = 1 if backbone.startswith("ResNet") else 2
         for shots, figure in ((1, one_shot), (5, five_shot)):
-            rows.append(Published(method, backbone, "miniimagenet", 5, shots, *figure, protocol))
+            rows.append(
+                Published(method, backbone, "miniimagenet", 5, shots, *figure, protocol, decimals)
+            )
     return tuple(rows)
 
 
@@ -207,12 +238,20 @@ def read_run(path: str | os.PathLike[str]) -> RunFiles:
         config = load_config(path / CONFIG_FILE)
     except ConfigError as error:
         raise ReportError(f"{path} is not a usable run directory: {error}") from None
-    evaluations = []
-    for file in sorted((path / EVAL_DIR).glob("*.json")):
+    evaluations: list[dict[str, Any]] = []
+    for file in (path / EVAL_DIR).glob("*.json"):
         try:
-            evaluations.append(json.loads(file.read_text(encoding="utf-8")))
+            evaluation = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise ReportError(f"evaluation file {file} is not valid JSON: {error}") from None
+        missing = [key for key in EVAL_KEYS if key not in evaluation]
+        if missing:
+            raise ReportError(
+                f"evaluation file {file} lacks {', '.join(missing)}: not written by "
+                f"metafilm evaluate (run it again)"
+            )
+        evaluations.append(evaluation)
+    evaluations.sort(key=lambda e: tuple(e[key] for key in EVAL_ORDER))
     return RunFiles(path.name, path, config, read_metrics(path / METRICS_FILE), evaluations)
 
 
@@ -303,7 +342,7 @@ def _markdown(
             f"validated on {c.data.val_split!r}",
             f"- backbone: {c.model.backbone}, width {c.model.width}, "
             + ("frozen after pretraining" if c.model.backbone_mode == "frozen" else "meta-trained"),
-            f"- batch norm: {c.model.bn_mode} ({_bn_text(c.model.bn_mode)})",
+            f"- batch norm: bn_mode {c.model.bn_mode!r}, {_bn_text(c.model.bn_mode)}",
             f"- task encoder: {c.model.encoder}; head: {c.model.head}",
             f"- inner loop: {c.adapt.inner_steps} steps, lr {c.adapt.inner_lr}, "
             f"{'first' if c.adapt.first_order else 'second'} order, "
@@ -348,8 +387,8 @@ def _published_markdown(results: Sequence[dict[str, Any]]) -> list[str]:
             )
         for row in published:
             lines.append(
-                f"| {row.method} | {row.backbone} | {row.accuracy:g}"
-                + ("" if row.plus_minus is None else f" ± {row.plus_minus:g}")
+                f"| {row.method} | {row.backbone} | {row.accuracy:.{row.decimals}f}"
+                + ("" if row.plus_minus is None else f" ± {row.plus_minus:.{row.decimals}f}")
                 + f" | {row.protocol} |"
             )
         if not published:

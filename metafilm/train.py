@@ -186,8 +186,9 @@ def start_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
         file.write(to_toml(config).encode("utf-8"))
 
 
-def _finite(metrics: Mapping[str, float]) -> bool:
-    return all(math.isfinite(value) for value in metrics.values())
+def _last_saved_step(run_dir: Path) -> str:
+    path = run_dir / LAST
+    return str(load_checkpoint(path)["step"]) if path.is_file() else "none yet"
 
 
 @dataclass
@@ -421,11 +422,14 @@ def train(
             # One process draws the whole meta-batch; a distributed rank would pass its own slice.
             tasks = sampler.sample(step, config.outer.meta_batch_size, task_slice=slice(None))
             metrics = meta_step(learner, optimizer, build_train(tasks), config.adapt, config.outer)
-            if not _finite(metrics):
-                bad = ", ".join(f"{k} = {v}" for k, v in metrics.items() if not math.isfinite(v))
+            bad = [key for key, value in metrics.items() if not math.isfinite(value)]
+            if bad:
+                first = "loss" if "loss" in bad else bad[0]
                 raise DivergedError(
-                    f"training diverged at step {step + 1}: {bad}. The last good checkpoint "
-                    f"{run_dir / LAST} is kept; lower adapt.inner_lr or outer.lr, then start "
+                    f"training diverged at step {step + 1}: {first} = {metrics[first]}"
+                    + (f" (and {len(bad) - 1} more metrics not finite)" if len(bad) > 1 else "")
+                    + f". The last good checkpoint {run_dir / LAST} is kept (step "
+                    f"{_last_saved_step(run_dir)}); lower adapt.inner_lr or outer.lr and start "
                     f"over with --force"
                 )
             step += 1

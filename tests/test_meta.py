@@ -32,6 +32,15 @@ IMAGE = 16
 WAYS, SHOTS, QUERY, TASKS = 3, 2, 2, 3
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny networks: one thread, since OpenMP threads waiting on busy shared cores cost 10-100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _learner(
     *,
     backbone: str = "conv4",
@@ -114,8 +123,11 @@ def _reference_task_loss(learner, sx, sy, qx, qy, adapt: AdaptSpec, start_block:
             t - (adapt.inner_lr if lrs is None else lrs[i]) * g
             for i, (t, g) in enumerate(zip(flat, grads, strict=True))
         ]
-    features = backbone(torch.cat([sx, qx]), film(flat), start_block=start_block)
-    query_logits = logits(features[: len(sx)], features[len(sx) :])
+    if learner.model_spec.head == "linear":  # the query alone: no support features needed
+        query_logits = logits(None, backbone(qx, film(flat), start_block=start_block))
+    else:
+        features = backbone(torch.cat([sx, qx]), film(flat), start_block=start_block)
+        query_logits = logits(features[: len(sx)], features[len(sx) :])
     return F.cross_entropy(query_logits, qy), sum(t.pow(2).sum() for t in flat)
 
 
@@ -170,7 +182,9 @@ def test_meta_sgd_learning_rates_match_the_reference_and_receive_gradients(strat
     losses, expected = _reference_meta_gradient(learner, _episode(), adapt, film_l2=0.0)
     metrics = meta_backward(learner, _episode(), adapt, strategy=strategy)
     torch.testing.assert_close(metrics["loss"], losses, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(learner.inner_lrs.grad, expected[-1], rtol=1e-5, atol=1e-7)
+    trainable = [p for p in learner.parameters() if p.requires_grad]
+    expected_lrs = expected[[p is learner.inner_lrs for p in trainable].index(True)]
+    torch.testing.assert_close(learner.inner_lrs.grad, expected_lrs, rtol=1e-5, atol=1e-7)
     assert float(learner.inner_lrs.grad.abs().sum()) > 0
 
 
@@ -188,7 +202,7 @@ def test_second_order_meta_gradient_matches_finite_differences():
 
     def loss_at(eps):
         params = {n: base[n] + eps * direction[n] for n in names}
-        return float(task_loss(params, {}, learner, task, adapt)[0])
+        return float(task_loss(params, {}, learner, task, adapt)[0].detach())
 
     eps = 1e-6
     numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
@@ -215,7 +229,7 @@ def test_the_inner_loop_changes_only_the_deviations():
     before = {name: t.clone() for name, t in learner.state_dict().items()}
     params = dict(learner.named_parameters())
     loss, metrics = task_loss(params, {}, learner, _episode().task(0), adapt)
-    assert float(metrics["film_l2"]) > 0
+    assert float(metrics["film_l2"].detach()) > 0
     for name, tensor in learner.state_dict().items():
         assert torch.equal(tensor, before[name]), name
     assert all(p.grad is None for p in learner.parameters())  # no weight gradient was formed
@@ -356,25 +370,25 @@ def test_pretraining_learns_is_deterministic_and_restores_the_flags():
     per_class = []
     for pattern in patterns:  # a class: its pattern with 10% of the pixels flipped
         flips = torch.rand(10, 1, IMAGE, IMAGE, generator=g) < 0.1
-        per_class.append(((pattern ^ flips).to(torch.uint8) * 255))
+        per_class.append((pattern ^ flips).to(torch.uint8) * 255)
     classes = ClassImages.from_arrays(per_class, [str(i) for i in range(6)])
     weights = []
     for _ in range(2):
         learner = _learner(backbone_mode="frozen", dtype=torch.float32, seed=1)
-        log = []
+        log: list[tuple[int, float, float]] = []
         pretrain_backbone(
             learner.backbone,
             classes,
-            steps=40,
+            steps=80,
             batch_size=16,
-            lr=0.01,
+            lr=0.03,
             seed=3,
-            on_step=lambda step, loss, acc: log.append((step, loss, acc)),
+            on_step=lambda step, loss, acc, log=log: log.append((step, loss, acc)),
         )
         weights.append(torch.cat([p.flatten() for p in learner.backbone.parameters()]))
         assert not any(p.requires_grad for p in learner.backbone.parameters())
         assert not learner.backbone.training
-        assert [s for s, _, _ in log] == list(range(40))
+        assert [s for s, _, _ in log] == list(range(80))
     assert torch.equal(weights[0], weights[1])
     assert np.mean([acc for _, _, acc in log[-5:]]) >= 0.9
     assert log[-1][1] < log[0][1] / 4

@@ -162,6 +162,8 @@ def test_alphabet_filter(data_root, omniglot_cache_dir):
     assert {name.split("/")[0] for name in classes.names} == set(held_out)
     with pytest.raises(ValueError, match="not in split 'test'.*its alphabets"):
         load_omniglot(data_root, "test", cache_dir=omniglot_cache_dir, alphabets=["Latin"])
+    with pytest.raises(ValueError, match="alphabets is empty"):
+        load_omniglot(data_root, "background", cache_dir=omniglot_cache_dir, alphabets=[])
     with pytest.raises(TypeError, match="list of alphabet names"):
         load_omniglot(data_root, "background", cache_dir=omniglot_cache_dir, alphabets="Latin")
 

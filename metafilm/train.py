@@ -186,11 +186,6 @@ def start_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
         file.write(to_toml(config).encode("utf-8"))
 
 
-def _last_saved_step(run_dir: Path) -> str:
-    path = run_dir / LAST
-    return str(load_checkpoint(path)["step"]) if path.is_file() else "none yet"
-
-
 @dataclass
 class LogWindow:
     """Sums of the training metrics since the last logged row (saved in checkpoints, so a resumed
@@ -348,6 +343,71 @@ class TrainResult:
     best_val_accuracy: float | None
 
 
+@dataclass(frozen=True)
+class _Sources:
+    """The loaded training data: the split, its sampler, and the fixed validation episodes."""
+
+    train_classes: ClassImages
+    sampler: EpisodeSampler
+    val_classes: ClassImages | None
+    validation: FixedEpisodes | None
+
+
+def _load_sources(config: RunConfig) -> _Sources:
+    """Load the splits and check the episode shapes against them (before any work)."""
+    data, settings = config.data, config.train
+    what = "data.ways / data.shots / data.query"
+    train_classes = load_split(data, data.train_split)
+    sampler = episodes_fitting(
+        what,
+        data.train_split,
+        lambda: EpisodeSampler(
+            train_classes,
+            data.ways,
+            data.shots,
+            data.query,
+            seed=settings.seed,
+            augment_rotations=data.augment_rotations,
+        ),
+    )
+    if not settings.val_every:
+        return _Sources(train_classes, sampler, None, None)
+    val_classes = load_split(data, data.val_split)
+    validation = episodes_fitting(
+        what,
+        data.val_split,
+        lambda: FixedEpisodes(
+            val_classes,
+            data.ways,
+            data.shots,
+            data.query,
+            seed=settings.val_seed,
+            episodes=settings.val_episodes,
+        ),
+    )
+    return _Sources(train_classes, sampler, val_classes, validation)
+
+
+def _divergence(
+    step: int, metrics: Mapping[str, float], run_dir: Path, saved_step: int | None
+) -> DivergedError | None:
+    """The error for a step whose metrics are not all finite (None if they are)."""
+    bad = [key for key, value in metrics.items() if not math.isfinite(value)]
+    if not bad:
+        return None
+    first = "loss" if "loss" in bad else bad[0]
+    more = f" (and {len(bad) - 1} more metrics not finite)" if len(bad) > 1 else ""
+    kept = (
+        "no checkpoint was written yet"
+        if saved_step is None
+        else f"the last good checkpoint {run_dir / LAST} (step {saved_step}) is kept"
+    )
+    return DivergedError(
+        f"training diverged at step {step}: {first} = {metrics[first]}{more}; {kept}. Lower "
+        f"adapt.inner_lr or outer.lr and start over with --force"
+    )
+
+
 def train(
     config: RunConfig,
     run_dir: str | Path,
@@ -359,96 +419,65 @@ def train(
     """Meta-train as `config` says into `run_dir` (see the module docstring).
 
     Everything is checked before the run directory changes: the run directory, the data (split
-    sizes against the episode shapes), the model settings.
+    sizes against the episode shapes), the model settings, the checkpoint to resume from.
     """
     run_dir = Path(run_dir)
     check_run_dir(run_dir, config, resume=resume, force=force)
-    data = config.data
-    train_classes = load_split(data, data.train_split)
-    sampler = episodes_fitting(
-        "data.ways / data.shots / data.query",
-        data.train_split,
-        lambda: EpisodeSampler(
-            train_classes,
-            data.ways,
-            data.shots,
-            data.query,
-            seed=config.train.seed,
-            augment_rotations=data.augment_rotations,
-        ),
-    )
-    validation = None
-    if config.train.val_every:
-        val_classes = load_split(data, data.val_split)
-        validation = episodes_fitting(
-            "data.ways / data.shots / data.query",
-            data.val_split,
-            lambda: FixedEpisodes(
-                val_classes,
-                data.ways,
-                data.shots,
-                data.query,
-                seed=config.train.val_seed,
-                episodes=config.train.val_episodes,
-            ),
-        )
+    sources = _load_sources(config)
     seed_everything(config.train.seed)
     learner = build_learner(config)
     checkpoint = _resume_payload(run_dir, config) if resume else None
     start_run_dir(run_dir, config, resume=resume)
     if learner.frozen and checkpoint is None:
-        _prepare_frozen_backbone(config, learner, run_dir, train_classes, progress)
+        _prepare_frozen_backbone(config, learner, run_dir, sources.train_classes, progress)
     optimizer = make_optimizer(learner, config.outer)
     step, elapsed, best, window = 0, 0.0, None, LogWindow()
-    if checkpoint is not None:
+    if checkpoint is None:
+        seed_everything(config.train.seed)  # the same start whether or not pretraining ran
+    else:
         learner.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_state(checkpoint["rng"])
         step, elapsed, best = checkpoint["step"], checkpoint["wall_time"], checkpoint["best"]
         window = LogWindow(dict(checkpoint["window"]["sums"]), checkpoint["window"]["count"])
         log.info(f"resuming {run_dir} from step {step}")
-    else:
-        seed_everything(config.train.seed)  # the same start whether or not pretraining ran
-    build_train = input_builder(learner, train_classes)
-    build_val = input_builder(learner, val_classes) if validation is not None else None
-    writer = RunWriter(run_dir, step)
+    build_train = input_builder(learner, sources.train_classes)
+    if sources.validation is not None:
+        validation_inputs = input_builder(learner, sources.val_classes)
+    saved_step = None if checkpoint is None else step
     settings = config.train
-    total = settings.steps
+    writer = RunWriter(run_dir, step)
     if progress is not None:
-        progress.start("train", step, total)
+        progress.start("train", step, settings.steps)
     try:
-        while step < total:
+        while step < settings.steps:
             started = time.perf_counter()
             # One process draws the whole meta-batch; a distributed rank would pass its own slice.
-            tasks = sampler.sample(step, config.outer.meta_batch_size, task_slice=slice(None))
+            tasks = sources.sampler.sample(
+                step, config.outer.meta_batch_size, task_slice=slice(None)
+            )
             metrics = meta_step(learner, optimizer, build_train(tasks), config.adapt, config.outer)
-            bad = [key for key, value in metrics.items() if not math.isfinite(value)]
-            if bad:
-                first = "loss" if "loss" in bad else bad[0]
-                raise DivergedError(
-                    f"training diverged at step {step + 1}: {first} = {metrics[first]}"
-                    + (f" (and {len(bad) - 1} more metrics not finite)" if len(bad) > 1 else "")
-                    + f". The last good checkpoint {run_dir / LAST} is kept (step "
-                    f"{_last_saved_step(run_dir)}); lower adapt.inner_lr or outer.lr and start "
-                    f"over with --force"
-                )
             step += 1
+            diverged = _divergence(step, metrics, run_dir, saved_step)
+            if diverged is not None:
+                raise diverged
             window.add(metrics)
+            last_step = step == settings.steps
             row: dict[str, Any] = {}
-            if step % settings.log_every == 0 or step == total:
+            if step % settings.log_every == 0 or last_step:
                 row.update(window.flush())
             improved = False
-            if validation is not None and (step % settings.val_every == 0 or step == total):
-                summary = accuracy_summary(
-                    evaluate(learner, fixed_batches(validation, build_val), config.adapt)
-                )
+            if sources.validation is not None and (step % settings.val_every == 0 or last_step):
+                episodes = fixed_batches(sources.validation, validation_inputs)
+                summary = accuracy_summary(evaluate(learner, episodes, config.adapt))
                 row.update(val_accuracy=summary["mean"], val_ci95=summary["ci95"])
                 improved = best is None or summary["mean"] > best
                 best = summary["mean"] if improved else best
             elapsed += time.perf_counter() - started
             if row:
                 writer.row({"step": step, "wall_time": round(elapsed, 3), **row})
-            if improved or step % settings.checkpoint_every == 0 or step == total:
+            save_last = step % settings.checkpoint_every == 0 or last_step
+            if improved or save_last:
                 payload = {
                     "kind": "train",
                     "step": step,
@@ -463,8 +492,9 @@ def train(
                 }
                 if improved:
                     writer.checkpoint(BEST, payload)
-                if step % settings.checkpoint_every == 0 or step == total:
+                if save_last:
                     writer.checkpoint(LAST, payload)
+                    saved_step = step
             if progress is not None:
                 progress.update(step, metrics)
     finally:

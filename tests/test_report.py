@@ -1,0 +1,148 @@
+"""Reports from saved run files: statistics recomputed independently, protocol, valid images."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from metafilm.config import config_from_dict, to_toml
+from metafilm.report import FIGURES, ReportError, accuracy_summary, write_report
+
+SHA = "ab" * 32
+
+
+def fake_run(root: Path, name: str, evaluations: list[dict], steps: int = 40) -> Path:
+    """A run directory as `metafilm train` and `metafilm evaluate` leave it (no checkpoints)."""
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    config = config_from_dict({"model": {"width": 16, "film_sites": ["block3", "block4"]}})
+    (run / "config.toml").write_text(to_toml(config))
+    rows = []
+    for step in range(5, steps + 1, 5):
+        row = {"step": step, "wall_time": step * 0.1, "loss": 2.0 / step, "accuracy": 1 - 1 / step}
+        for site in ("block3", "block4"):
+            row[f"film_predicted/{site}"] = 0.01 * step
+            row[f"film_adapted/{site}"] = 0.012 * step
+        if step % 10 == 0:
+            row.update(val_accuracy=0.9 - 1 / step, val_ci95=0.02)
+        rows.append(row)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4')
+    for index, evaluation in enumerate(evaluations):
+        record = {
+            "dataset": "omniglot",
+            "split": "test",
+            "query": 15,
+            "episodes": len(evaluation["accuracies"]),
+            "episode_seed": 1,
+            "inner_steps_train": 1,
+            "inner_steps_test": 3,
+            "train_ways": 5,
+            "train_shots": 1,
+            "bn_mode": "episode",
+            "backbone": "conv4",
+            "width": 16,
+            "film_sites": ["block3", "block4"],
+            "checkpoint": "best.pt",
+            "checkpoint_step": 30,
+            "checkpoint_sha256": SHA,
+            **evaluation,
+        }
+        (run / "eval" / f"e{index}.json").write_text(json.dumps(record))
+    return run
+
+
+def test_accuracy_summary_uses_the_sample_std() -> None:
+    values = [0.8, 0.9, 1.0, 0.6, 0.7]
+    summary = accuracy_summary(values)
+    assert summary["mean"] == pytest.approx(statistics.fmean(values))
+    assert summary["std"] == pytest.approx(statistics.stdev(values))
+    assert summary["ci95"] == pytest.approx(1.96 * statistics.stdev(values) / math.sqrt(5))
+    single = accuracy_summary([0.5])
+    assert single["std"] is None and single["ci95"] is None
+    with pytest.raises(ValueError):
+        accuracy_summary([])
+
+
+@pytest.mark.slow
+def test_report_recomputes_from_the_saved_accuracies(tmp_path: Path) -> None:
+    five = [0.6 + 0.02 * (i % 7) for i in range(30)]
+    twenty = [0.4 + 0.01 * (i % 11) for i in range(25)]
+    run = fake_run(
+        tmp_path,
+        "small",
+        [
+            {"ways": 20, "shots": 1, "accuracies": twenty},
+            {"ways": 5, "shots": 1, "accuracies": five},
+        ],
+    )
+    out = tmp_path / "report"
+    written = write_report([run], out, compare_published=True)
+    assert [path.name for path in written] == ["report.md", "report.json", *FIGURES]
+
+    document = json.loads((out / "report.json").read_text())
+    results = document["results"]
+    assert [(r["ways"], r["shots"]) for r in results] == [(5, 1), (20, 1)]
+    for result, values in zip(results, (five, twenty), strict=True):
+        assert result["accuracies"] == values
+        assert result["mean"] == pytest.approx(statistics.fmean(values))
+        ci = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+        assert result["ci95"] == pytest.approx(ci)
+        assert result["std_kind"] == "sample standard deviation (ddof=1)"
+    assert {row["method"] for row in document["published"]} >= {"MAML (Finn 2017)"}
+
+    markdown = (out / "report.md").read_text()
+    mean, ci = 100 * statistics.fmean(five), 196 * statistics.stdev(five) / math.sqrt(30)
+    assert f"| small | 5-way 1-shot | {mean:.2f} ± {ci:.2f} | 30 | 15 | 1 | test |" in markdown
+    assert "20-way 1-shot" in markdown and "5-way 1-shot (differs from test)" in markdown
+    for field in (
+        "transductive",
+        "1 / 3",
+        "conv4, width 16",
+        "FiLM sites block3, block4",
+        f"sha256 `{SHA}`",
+        "best.pt (step 30)",
+        "sample standard deviation (ddof=1)",
+        "98.7 ± 0.4",
+        "600 test tasks, seed 1",
+    ):
+        assert field in markdown, field
+
+    for name in FIGURES:
+        with Image.open(out / name) as image:
+            image.verify()
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
+            assert image.size[0] >= 500 and image.size[1] >= 300
+
+
+@pytest.mark.slow
+def test_several_runs_share_one_report_even_untested_ones(tmp_path: Path) -> None:
+    a = fake_run(tmp_path, "a", [{"ways": 5, "shots": 1, "accuracies": [0.5, 0.7]}])
+    b = fake_run(tmp_path, "b", [{"ways": 5, "shots": 1, "accuracies": [0.6, 0.9]}])
+    untested = fake_run(tmp_path, "untested", [])
+    out = tmp_path / "all"
+    write_report([a, b, untested], out)
+    document = json.loads((out / "report.json").read_text())
+    assert [r["run"] for r in document["results"]] == ["a", "b"]
+    assert [r["name"] for r in document["runs"]] == ["a", "b", "untested"]
+    assert "### untested" in (out / "report.md").read_text()
+    assert all((out / name).stat().st_size > 1000 for name in FIGURES)
+    write_report([untested], tmp_path / "none")
+    assert "No evaluation yet" in (tmp_path / "none" / "report.md").read_text()
+
+
+def test_unusable_run_directories_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match="does not exist"):
+        write_report([tmp_path / "nothing"], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="not a usable run directory"):
+        write_report([tmp_path / "empty"], tmp_path / "out")
+    run = fake_run(tmp_path, "broken", [])
+    (run / "eval" / "bad.json").write_text('{"ways": 5}')
+    with pytest.raises(ReportError, match="bad.json lacks"):
+        write_report([run], tmp_path / "out")

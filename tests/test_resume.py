@@ -1,0 +1,323 @@
+"""Nothing is lost: atomic, self-checking checkpoints; kill -9 and resume to identical weights;
+corrupt checkpoints, existing run directories and diverging runs are refused with a message."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metafilm.checkpoint import (
+    MAGIC,
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from metafilm.config import config_from_dict, to_toml
+from metafilm.train import RunError, check_run_dir, truncate_metrics
+
+TINY = """
+[data]
+ways = 5
+shots = 1
+query = 2
+
+[model]
+width = 8
+
+[outer]
+meta_batch_size = 2
+
+[train]
+steps = 40
+log_every = 3
+val_every = 10
+val_episodes = 4
+checkpoint_every = 5
+"""
+
+
+def metafilm(
+    *args: str | Path, data_root: Path, cache_dir: Path, wait: bool = True
+) -> subprocess.CompletedProcess | subprocess.Popen:
+    """Run `python -m metafilm ARGS` on one thread (deterministic, and fair on shared CPUs)."""
+    env = {
+        **os.environ,
+        "METAFILM_DATA_ROOT": str(data_root),
+        "METAFILM_CACHE_DIR": str(cache_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "metafilm", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def rows_without_time(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# --- checkpoint files (no data) ---
+
+
+def test_checkpoint_round_trip_and_rng_states(tmp_path: Path) -> None:
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    state = rng_state()
+    expected = (torch.rand(4), np.random.rand(4), random.random())
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"rng": state, "w": torch.arange(5.0), "meta": {"step": 7, "x": None}})
+    assert path.read_bytes().startswith(MAGIC)
+    assert not list(tmp_path.glob(".*.tmp")), "the temporary file must be renamed away"
+    payload = load_checkpoint(path)
+    assert payload["meta"] == {"step": 7, "x": None}
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    set_rng_state(payload["rng"])
+    again = (torch.rand(4), np.random.rand(4), random.random())
+    assert torch.equal(expected[0], again[0])
+    assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_damaged_truncated_and_foreign_checkpoints_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.ones(100)})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"damaged\.pt is corrupt"):
+        load_checkpoint(damaged)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:30])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt is not a metafilm checkpoint"):
+        load_checkpoint(truncated)
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.ones(2)}, plain)
+    with pytest.raises(CheckpointError, match="not a metafilm checkpoint"):
+        load_checkpoint(plain)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+class Smuggled:
+    """Not a tensor or a plain container: a safe loader must refuse it."""
+
+
+def test_a_checkpoint_with_code_objects_is_refused_even_with_a_valid_digest(
+    tmp_path: Path,
+) -> None:
+    import hashlib
+
+    buffer = io.BytesIO()
+    torch.save({"evil": Smuggled()}, buffer)
+    body = buffer.getvalue()
+    path = tmp_path / "evil.pt"
+    path.write_bytes(MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    with pytest.raises(CheckpointError, match="cannot be unpickled safely"):
+        load_checkpoint(path)
+
+
+def test_metrics_are_cut_back_to_the_checkpoint_step(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in (2, 4, 6, 8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 10, "lo')
+    truncate_metrics(path, 4)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2]
+
+
+def test_run_directory_rules(tmp_path: Path) -> None:
+    config = config_from_dict({})
+    other = tmp_path / "not-a-run"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(RunError, match="already exists; pass --resume .* or --force"):
+        check_run_dir(other, config, resume=False, force=False)
+    with pytest.raises(RunError, match="not a metafilm run directory"):
+        check_run_dir(other, config, resume=False, force=True)
+    with pytest.raises(RunError, match="nothing to resume"):
+        check_run_dir(other, config, resume=True, force=False)
+    with pytest.raises(RunError, match="pass only one"):
+        check_run_dir(other, config, resume=True, force=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(to_toml(config))
+    changed = config_from_dict({"adapt": {"inner_lr": 0.3}})
+    with pytest.raises(RunError, match=r"adapt\.inner_lr: 0\.1 -> 0\.3"):
+        check_run_dir(run, changed, resume=True, force=False)
+    check_run_dir(run, config, resume=True, force=False)
+    check_run_dir(tmp_path / "new", config, resume=False, force=False)
+
+
+# --- end to end on real Omniglot ---
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_bit_identical_weights(
+    tmp_path: Path, tiny_config: Path, data_root: Path, omniglot_cache_dir: Path
+) -> None:
+    dirs = {"data_root": data_root, "cache_dir": omniglot_cache_dir}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = metafilm("train", tiny_config, "--out", whole, **dirs)
+    assert done.returncode == 0, done.stderr
+
+    process = metafilm("train", tiny_config, "--out", killed, wait=False, **dirs)
+    deadline = time.monotonic() + 240
+    while not (killed / "last.pt").exists():
+        assert process.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within the time limit"
+        time.sleep(0.01)
+    assert process.poll() is None, "training finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert load_checkpoint(killed / "last.pt")["step"] < 40
+
+    resumed = metafilm("train", tiny_config, "--out", killed, "--resume", **dirs)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+
+    a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert a["step"] == b["step"] == 40
+    assert_same_tensors(a["model"], b["model"])
+    for state_a, state_b in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        assert_same_tensors(state_a, state_b)
+    assert_same_tensors(
+        load_checkpoint(whole / "best.pt")["model"], load_checkpoint(killed / "best.pt")["model"]
+    )
+    rows = rows_without_time(killed)
+    assert [row["step"] for row in rows] == [
+        3,
+        6,
+        9,
+        10,
+        12,
+        15,
+        18,
+        20,
+        21,
+        24,
+        27,
+        30,
+        33,
+        36,
+        39,
+        40,
+    ]
+    assert rows == rows_without_time(whole)
+
+    again = metafilm("train", tiny_config, "--out", killed, "--resume", **dirs)
+    assert again.returncode == 0 and rows_without_time(killed) == rows, "a finished run stays"
+
+
+@pytest.mark.slow
+def test_refusals_keep_the_run_and_say_why(
+    tmp_path: Path, tiny_config: Path, data_root: Path, omniglot_cache_dir: Path
+) -> None:
+    dirs = {"data_root": data_root, "cache_dir": omniglot_cache_dir}
+    run = tmp_path / "run"
+    short = ["--set", "train.steps=5", "--set", "train.val_every=0"]
+    assert metafilm("train", tiny_config, "--out", run, *short, **dirs).returncode == 0
+    before = (run / "last.pt").read_bytes()
+
+    exists = metafilm("train", tiny_config, "--out", run, *short, **dirs)
+    assert exists.returncode == 1
+    assert f"run directory {run} already exists" in exists.stderr
+    assert "Traceback" not in exists.stderr
+    assert (run / "last.pt").read_bytes() == before
+
+    other = metafilm(
+        "train",
+        tiny_config,
+        "--out",
+        run,
+        "--resume",
+        *short,
+        "--set",
+        "adapt.inner_lr=0.5",
+        **dirs,
+    )
+    assert other.returncode == 1 and "adapt.inner_lr: 0.1 -> 0.5" in other.stderr
+
+    damaged = bytearray(before)
+    damaged[len(damaged) // 2] ^= 0xFF
+    (run / "last.pt").write_bytes(bytes(damaged))
+    corrupt = metafilm(
+        "train",
+        tiny_config,
+        "--out",
+        run,
+        "--resume",
+        "--set",
+        "train.steps=8",
+        "--set",
+        "train.val_every=0",
+        **dirs,
+    )
+    assert corrupt.returncode == 1
+    assert f"checkpoint {run / 'last.pt'} is corrupt" in corrupt.stderr
+    assert "Traceback" not in corrupt.stderr
+    assert (run / "last.pt").read_bytes() == bytes(damaged), "a refused resume changes nothing"
+    evaluated = metafilm("evaluate", run / "last.pt", **dirs)
+    assert evaluated.returncode == 1 and "is corrupt" in evaluated.stderr
+
+    forced = metafilm("train", tiny_config, "--out", run, "--force", *short, **dirs)
+    assert forced.returncode == 0, forced.stderr
+    assert load_checkpoint(run / "last.pt")["step"] == 5
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, tiny_config: Path, data_root: Path, omniglot_cache_dir: Path
+) -> None:
+    run = tmp_path / "nan"
+    result = metafilm(
+        "train",
+        tiny_config,
+        "--out",
+        run,
+        "--set",
+        "outer.lr=1e30",
+        "--set",
+        "train.checkpoint_every=1",
+        "--set",
+        "train.log_every=1",
+        data_root=data_root,
+        cache_dir=omniglot_cache_dir,
+    )
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("metafilm: error: training diverged at step 2: loss = nan")
+    assert f"the last good checkpoint {run / 'last.pt'} (step 1) is kept" in message
+    assert "Traceback" not in result.stderr
+    payload = load_checkpoint(run / "last.pt")
+    assert payload["step"] == 1
+    assert all(bool(torch.isfinite(t).all()) for t in payload["model"].values())
+    assert [row["step"] for row in rows_without_time(run)] == [1]

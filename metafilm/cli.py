@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="metafilm",
         description="Few-shot meta-learning with FiLM adaptation: train, evaluate, report.",
         epilog="Example: metafilm train configs/quickstart.toml && "
-        "metafilm evaluate runs/quickstart && metafilm report runs/quickstart",
+        "metafilm evaluate runs/quickstart && metafilm report runs/quickstart. "
+        "Exit status: 0 success, 1 a config, data, checkpoint or run-directory problem (one "
+        "line on stderr), 2 a malformed command line, 130 interrupted.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from metafilm.config import ConfigError, RunConfig, load_config
+from metafilm.config import ConfigError, RunConfig, config_to_dict, load_config
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -523,7 +523,10 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     document = {
         "statistics": {"ci95": f"{CI_Z} * std / sqrt(episodes)", "std": STD_KIND},
-        "runs": [{"name": run.name, "path": str(run.path)} for run in runs],
+        "runs": [
+            {"name": run.name, "path": str(run.path), "config": config_to_dict(run.config)}
+            for run in runs
+        ],
         "results": results,
     }
     if compare_published:

@@ -18,8 +18,10 @@ states. On resume `metrics.jsonl` is cut back to the checkpoint's step, and the 
 the same final weights, bit for bit, as an uninterrupted one.
 
 Frozen backbone (`model.backbone_mode = "frozen"`): `train` first pretrains the backbone by plain
-classification over the training classes and keeps it as `backbone.pt` in the run directory (a
-resumed run reuses it), unless `pretrain.backbone` names a file written by `pretrain` to start from.
+classification over the training classes and keeps it as `backbone.pt` in the run directory, unless
+`pretrain.backbone` names a file written by `pretrain_run` (`metafilm pretrain`) to start from.
+Pretraining is checkpointed once, at its end: a run killed during pretraining pretrains again on
+resume (deterministically, so the result is the same); one killed later reuses `backbone.pt`.
 
 Written so that a distributed version can split each meta-batch: every process draws its own
 `task_slice` of the step's meta-batch from the same stateless sampler, and only the process that
@@ -223,7 +225,7 @@ class RunWriter:
             file.flush()
         if self.tensorboard is not None:
             for key, value in row.items():
-                if key != "step":
+                if key != "step" and value is not None:
                     self.tensorboard.add_scalar(key, value, row["step"])
 
     def checkpoint(self, name: str, payload: dict[str, Any]) -> None:
@@ -320,14 +322,17 @@ def load_backbone(learner: FiLMLearner, path: Path) -> None:
         ) from None
 
 
-def _prepare_frozen_backbone(
-    config: RunConfig, learner: FiLMLearner, run_dir: Path, classes: ClassImages, progress: Any
+def _pretrain_into_run(
+    config: RunConfig,
+    learner: FiLMLearner,
+    run_dir: Path,
+    classes: ClassImages,
+    progress: Progress | None,
 ) -> None:
-    given = Path(config.pretrain.backbone) if config.pretrain.backbone else None
+    """The run's own pretrained backbone: `backbone.pt` if an earlier attempt wrote it, else
+    pretrain now and write it (a kill during pretraining repeats it, deterministically)."""
     own = run_dir / BACKBONE
-    if given is not None:
-        load_backbone(learner, given)
-    elif own.is_file():
+    if own.is_file():
         log.info(f"using the pretrained backbone {own}")
         load_backbone(learner, own)
     else:
@@ -427,9 +432,12 @@ def train(
     seed_everything(config.train.seed)
     learner = build_learner(config)
     checkpoint = _resume_payload(run_dir, config) if resume else None
+    fresh_frozen = learner.frozen and checkpoint is None
+    if fresh_frozen and config.pretrain.backbone:
+        load_backbone(learner, Path(config.pretrain.backbone))
     start_run_dir(run_dir, config, resume=resume)
-    if learner.frozen and checkpoint is None:
-        _prepare_frozen_backbone(config, learner, run_dir, sources.train_classes, progress)
+    if fresh_frozen and not config.pretrain.backbone:
+        _pretrain_into_run(config, learner, run_dir, sources.train_classes, progress)
     optimizer = make_optimizer(learner, config.outer)
     step, elapsed, best, window = 0, 0.0, None, LogWindow()
     if checkpoint is None:

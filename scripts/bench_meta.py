@@ -48,6 +48,7 @@ class Arm:
 
     description: str
     model: dict[str, object] = field(default_factory=dict)
+    outer: dict[str, object] = field(default_factory=dict)
     core: bool = True
 
 
@@ -63,6 +64,11 @@ ARMS: dict[str, Arm] = {
     "frozen-block4-cached": Arm(
         "(4) core, frozen backbone, FiLM on block4, cached prefix",
         {"film_sites": ("block4",), "backbone_mode": "frozen", "bn_mode": "running"},
+    ),
+    "frozen-block4-cached-vmap": Arm(
+        "(4) core, frozen backbone, FiLM on block4, cached prefix, tasks under vmap",
+        {"film_sites": ("block4",), "backbone_mode": "frozen", "bn_mode": "running"},
+        {"strategy": "vmap"},
     ),
     "frozen-block1": Arm(
         "(4) core, frozen backbone, FiLM on block1 (nothing cached)",
@@ -150,7 +156,7 @@ def build_arm(
         step = plain_step if name == "plain" else maml_step
         return (lambda episode: step(model, optimizer, episode)), (lambda ep: gather(classes, ep))
     adapt = AdaptSpec(inner_steps=1, first_order=False)
-    outer = OuterSpec(meta_batch_size=32)
+    outer = OuterSpec(meta_batch_size=32, **arm.outer)
     learner = FiLMLearner(ModelSpec(head_ways=WAYS, **arm.model), adapt)
     optimizer = make_optimizer(learner, outer)
     build = input_builder(learner, classes)

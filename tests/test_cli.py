@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from metafilm.checkpoint import load_checkpoint
 from metafilm.cli import build_parser, main
 from metafilm.config import load_config
 from metafilm.report import FIGURES
@@ -58,6 +60,12 @@ OPTIONS = {
     ],
     "report": ["RUN_DIR", "--out", "--compare-published"],
 }
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def metafilm(
@@ -318,3 +326,46 @@ def test_train_evaluate_report_end_to_end(
             image.verify()
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.size[0] >= 500 and image.size[1] >= 300
+
+
+def test_pretrain_is_for_frozen_backbones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    message = in_process_error(capsys, "pretrain", config, "--out", tmp_path / "pre")
+    assert 'model.backbone_mode = "frozen"' in message
+    assert not (tmp_path / "pre").exists()
+
+
+@pytest.mark.slow
+def test_frozen_backbone_is_pretrained_once_and_never_changes(
+    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
+) -> None:
+    dirs = {"data_root": data_root, "cache_dir": omniglot_cache_dir}
+    config = tmp_path / "frozen.toml"
+    config.write_text(
+        TINY + "\n[pretrain]\nsteps = 15\nbatch_size = 16\n" + "\n[eval]\nepisodes = 5\n"
+    )
+    frozen = ["--set", "model.backbone_mode=frozen", "--set", "model.bn_mode=running"]
+    shared, own, reused = tmp_path / "pretrained", tmp_path / "own", tmp_path / "reused"
+
+    result = metafilm("pretrain", config, "--out", shared, *frozen, **dirs)
+    assert result.returncode == 0, result.stderr
+    result = metafilm("train", config, "--out", own, *frozen, **dirs)
+    assert result.returncode == 0, result.stderr
+    backbone = load_checkpoint(own / "backbone.pt")["backbone"]
+    assert_same_tensors(backbone, load_checkpoint(shared / "backbone.pt")["backbone"])
+    trained = load_checkpoint(own / "last.pt")["model"]
+    assert_same_tensors(
+        backbone,
+        {k.removeprefix("backbone."): v for k, v in trained.items() if k.startswith("backbone.")},
+    )
+
+    given = ["--set", f"pretrain.backbone={shared / 'backbone.pt'}"]
+    result = metafilm("train", config, "--out", reused, *frozen, *given, **dirs)
+    assert result.returncode == 0, result.stderr
+    assert not (reused / "backbone.pt").exists()
+    assert_same_tensors(trained, load_checkpoint(reused / "last.pt")["model"])
+    result = metafilm("evaluate", reused, **dirs)
+    assert result.returncode == 0 and "5-way 1-shot on 'test'" in result.stdout

@@ -17,6 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from metafilm.config import load_config
+from metafilm.distributed import process_group
 from metafilm.report import ReportError, accuracy_summary, write_report
 from metafilm.train import (
     USER_ERRORS,
@@ -89,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Meta-train from a TOML config into a run directory (config.toml, "
         "metrics.jsonl, last.pt, best.pt, tensorboard/). With model.backbone_mode = 'frozen' "
         "the backbone is first pretrained into the run's backbone.pt, unless pretrain.backbone "
-        "names a file written by 'metafilm pretrain'.",
+        "names a file written by 'metafilm pretrain'. Under torchrun (e.g. 'torchrun "
+        "--nproc_per_node=2 -m metafilm train CONFIG') each process takes an equal share of "
+        "every meta-batch; see docs/distributed.md.",
     )
     _add_config_arguments(train_parser)
     train_parser.add_argument(
@@ -196,7 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     out = args.out or RUNS_DIR / args.config.stem
-    result = train(config, out, resume=args.resume, force=args.force, progress=BarProgress())
+    with process_group() as processes:
+        if not processes.is_main:  # rank 0 speaks for the run; the others only report errors
+            logging.getLogger("metafilm").setLevel(logging.WARNING)
+        result = train(
+            config,
+            out,
+            resume=args.resume,
+            force=args.force,
+            progress=BarProgress() if processes.is_main else None,
+            processes=processes,
+        )
+    if not processes.is_main:
+        return
     best = result.best_val_accuracy
     print(
         f"trained {result.step} steps into {out}"

@@ -227,6 +227,8 @@ def meta_step(
     episode: Episode,
     adapt: AdaptSpec,
     outer: OuterSpec,
+    *,
+    reduce_gradients: Callable[[list[Tensor]], None] | None = None,
 ) -> dict[str, float]:
     """One outer update on a meta-batch; returns its training metrics.
 
@@ -235,6 +237,8 @@ def meta_step(
     lives in the optimiser), with the gradient norm clipped to ``outer.grad_clip``. Metrics:
     ``loss`` (query loss), ``accuracy``, ``grad_norm`` (before clipping) and per site
     ``film_predicted/<site>``, ``film_adapted/<site>`` (RMS deviation sizes, averaged over tasks).
+    ``reduce_gradients`` (distributed training) replaces the trainable parameters' gradients in
+    place, e.g. by their mean over processes, before clipping and the update.
     """
     learner.train()
     optimizer.zero_grad(set_to_none=True)
@@ -242,6 +246,8 @@ def meta_step(
     if learner.encoder is not None and outer.postmult_l2:
         (outer.postmult_l2 * learner.encoder.postmult.pow(2).sum()).backward()
     trainable = [p for p in learner.parameters() if p.requires_grad]
+    if reduce_gradients is not None:
+        reduce_gradients([p.grad for p in trainable if p.grad is not None])
     max_norm = math.inf if outer.grad_clip is None else outer.grad_clip
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
     optimizer.step()

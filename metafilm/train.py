@@ -23,9 +23,12 @@ classification over the training classes and keeps it as `backbone.pt` in the ru
 Pretraining is checkpointed once, at its end: a run killed during pretraining pretrains again on
 resume (deterministically, so the result is the same); one killed later reuses `backbone.pt`.
 
-Written so that a distributed version can split each meta-batch: every process draws its own
-`task_slice` of the step's meta-batch from the same stateless sampler, and only the process that
-owns a `RunWriter` touches the disk.
+Distributed (`torchrun`, see `metafilm.distributed` and docs/distributed.md): the same loop in
+every process. Each draws its own `task_slice` of the step's meta-batch from the same stateless
+sampler; the meta-gradients are averaged over the processes before clipping and the update, the
+logged metrics are averaged too, and each process validates its share of the fixed episodes. The
+processes start from rank 0's weights and so stay identical. Rank 0 alone owns a `RunWriter`
+and changes the run directory; every process reads the same checkpoint to resume.
 """
 
 from __future__ import annotations
@@ -72,10 +75,12 @@ from metafilm.config import (
     to_toml,
     trajectory_differences,
 )
+from metafilm.distributed import SINGLE_PROCESS, Distributed, DistributedError
 from metafilm.learner import FiLMLearner
 from metafilm.meta import evaluate, input_builder, make_optimizer, meta_step
 from metafilm.pretrain import pretrain_backbone
 from metafilm.report import CONFIG_FILE, EVAL_DIR, METRICS_FILE, accuracy_summary, read_metrics
+from metafilm.specs import AdaptSpec
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -99,7 +104,7 @@ class DivergedError(RuntimeError):
     """Training produced a non-finite loss; the last good checkpoint is kept."""
 
 
-USER_ERRORS = (ConfigError, CheckpointError, RunError, DataError, DivergedError)
+USER_ERRORS = (ConfigError, CheckpointError, RunError, DataError, DivergedError, DistributedError)
 """What a user's input (config, files, data) can cause; the CLI reports them in one line."""
 
 
@@ -210,7 +215,7 @@ class LogWindow:
 class RunWriter:
     """Everything a training run writes: metrics rows, TensorBoard events, checkpoints.
 
-    In a distributed run only one process would own one.
+    In a distributed run only rank 0 owns one.
     """
 
     def __init__(self, run_dir: Path, resume_step: int) -> None:
@@ -258,10 +263,29 @@ def _tensorboard_writer(log_dir: Path, purge_step: int) -> Any:
 
 
 def fixed_batches(
-    source: FixedEpisodes, build: Callable[[Any], Episode], size: int = EVAL_BATCH
+    source: FixedEpisodes,
+    build: Callable[[Any], Episode],
+    size: int = EVAL_BATCH,
+    episodes: range | None = None,
 ) -> Iterator[Episode]:
-    """The fixed episodes as model inputs, `size` tasks at a time."""
-    return (build(batch) for batch in source.batches(size))
+    """The fixed episodes (all, or those numbered in `episodes`) as model inputs, `size` tasks at
+    a time."""
+    numbers = range(len(source)) if episodes is None else episodes
+    return (build(source.take(numbers[i : i + size])) for i in range(0, len(numbers), size))
+
+
+def validate(
+    learner: FiLMLearner,
+    source: FixedEpisodes,
+    build: Callable[[Any], Episode],
+    adapt: AdaptSpec,
+    processes: Distributed = SINGLE_PROCESS,
+) -> np.ndarray:
+    """Accuracy on every fixed validation episode, in order; each process evaluates its share."""
+    mine = evaluate(
+        learner, fixed_batches(source, build, episodes=processes.shard(len(source))), adapt
+    )
+    return processes.gather_shards(mine, len(source))
 
 
 def _backbone_payload(learner: FiLMLearner, config: RunConfig) -> dict[str, Any]:
@@ -328,15 +352,20 @@ def _pretrain_into_run(
     run_dir: Path,
     classes: ClassImages,
     progress: Progress | None,
+    *,
+    write: bool,
 ) -> None:
     """The run's own pretrained backbone: `backbone.pt` if an earlier attempt wrote it, else
-    pretrain now and write it (a kill during pretraining repeats it, deterministically)."""
+    pretrain now and, if `write`, write it (a kill during pretraining repeats it,
+    deterministically)."""
     own = run_dir / BACKBONE
     if own.is_file():
         log.info(f"using the pretrained backbone {own}")
         load_backbone(learner, own)
     else:
-        save_checkpoint(own, pretrain(config, learner, classes, progress))
+        payload = pretrain(config, learner, classes, progress)
+        if write:
+            save_checkpoint(own, payload)
 
 
 @dataclass(frozen=True)
@@ -420,24 +449,36 @@ def train(
     resume: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    processes: Distributed = SINGLE_PROCESS,
 ) -> TrainResult:
-    """Meta-train as `config` says into `run_dir` (see the module docstring).
+    """Meta-train as `config` says into `run_dir` (see the module docstring), as one process of
+    `processes` (give `progress` to rank 0 only).
 
-    Everything is checked before the run directory changes: the run directory, the data (split
-    sizes against the episode shapes), the model settings, the checkpoint to resume from.
+    Everything is checked before the run directory changes: the split of the meta-batch over the
+    processes, the run directory, the data (split sizes against the episode shapes), the model
+    settings, the checkpoint to resume from.
     """
     run_dir = Path(run_dir)
+    task_slice = processes.task_slice(config.outer.meta_batch_size)
     check_run_dir(run_dir, config, resume=resume, force=force)
     sources = _load_sources(config)
     seed_everything(config.train.seed)
     learner = build_learner(config)
     checkpoint = _resume_payload(run_dir, config) if resume else None
+    # Also a barrier: every process has read the run directory before rank 0 changes it.
+    processes.require_same(
+        "the step to start from", 0 if checkpoint is None else checkpoint["step"]
+    )
     fresh_frozen = learner.frozen and checkpoint is None
     if fresh_frozen and config.pretrain.backbone:
         load_backbone(learner, Path(config.pretrain.backbone))
-    start_run_dir(run_dir, config, resume=resume)
+    if processes.is_main:
+        start_run_dir(run_dir, config, resume=resume)
+    processes.barrier()
     if fresh_frozen and not config.pretrain.backbone:
-        _pretrain_into_run(config, learner, run_dir, sources.train_classes, progress)
+        _pretrain_into_run(
+            config, learner, run_dir, sources.train_classes, progress, write=processes.is_main
+        )
     optimizer = make_optimizer(learner, config.outer)
     step, elapsed, best, window = 0, 0.0, None, LogWindow()
     if checkpoint is None:
@@ -449,22 +490,30 @@ def train(
         step, elapsed, best = checkpoint["step"], checkpoint["wall_time"], checkpoint["best"]
         window = LogWindow(dict(checkpoint["window"]["sums"]), checkpoint["window"]["count"])
         log.info(f"resuming {run_dir} from step {step}")
+    processes.broadcast_(list(learner.state_dict().values()))  # one start for all processes
     build_train = input_builder(learner, sources.train_classes)
     if sources.validation is not None:
         validation_inputs = input_builder(learner, sources.val_classes)
     saved_step = None if checkpoint is None else step
     settings = config.train
-    writer = RunWriter(run_dir, step)
+    writer = RunWriter(run_dir, step) if processes.is_main else None
     if progress is not None:
         progress.start("train", step, settings.steps)
     try:
         while step < settings.steps:
             started = time.perf_counter()
-            # One process draws the whole meta-batch; a distributed rank would pass its own slice.
             tasks = sources.sampler.sample(
-                step, config.outer.meta_batch_size, task_slice=slice(None)
+                step, config.outer.meta_batch_size, task_slice=task_slice
             )
-            metrics = meta_step(learner, optimizer, build_train(tasks), config.adapt, config.outer)
+            local = meta_step(
+                learner,
+                optimizer,
+                build_train(tasks),
+                config.adapt,
+                config.outer,
+                reduce_gradients=processes.mean_,
+            )
+            metrics = processes.mean_metrics(local)
             step += 1
             diverged = _divergence(step, metrics, run_dir, saved_step)
             if diverged is not None:
@@ -476,16 +525,18 @@ def train(
                 row.update(window.flush())
             improved = False
             if sources.validation is not None and (step % settings.val_every == 0 or last_step):
-                episodes = fixed_batches(sources.validation, validation_inputs)
-                summary = accuracy_summary(evaluate(learner, episodes, config.adapt))
+                accuracies = validate(
+                    learner, sources.validation, validation_inputs, config.adapt, processes
+                )
+                summary = accuracy_summary(accuracies)
                 row.update(val_accuracy=summary["mean"], val_ci95=summary["ci95"])
                 improved = best is None or summary["mean"] > best
                 best = summary["mean"] if improved else best
             elapsed += time.perf_counter() - started
-            if row:
+            if row and writer is not None:
                 writer.row({"step": step, "wall_time": round(elapsed, 3), **row})
             save_last = step % settings.checkpoint_every == 0 or last_step
-            if improved or save_last:
+            if writer is not None and (improved or save_last):
                 payload = {
                     "kind": "train",
                     "step": step,
@@ -502,11 +553,13 @@ def train(
                     writer.checkpoint(BEST, payload)
                 if save_last:
                     writer.checkpoint(LAST, payload)
-                    saved_step = step
+            if save_last:
+                saved_step = step
             if progress is not None:
                 progress.update(step, metrics)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         if progress is not None:
             progress.close()
     return TrainResult(run_dir, step, best)

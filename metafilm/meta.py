@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from functools import partial
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -47,22 +47,41 @@ Strategy = Literal["loop", "vmap"]
 STRATEGIES = ("loop", "vmap")
 
 
-class _Parts(NamedTuple):
-    """A learner's tensors split by sub-module, for ``functional_call`` on each."""
+class _Modules(NamedTuple):
+    """What one task calls: the learner's sub-modules, or ``functional_call`` wrappers of them
+    over given tensors, and the Meta-SGD learning rates (``None`` without)."""
 
-    backbone: dict[str, Tensor]
-    encoder: dict[str, Tensor]
-    head: dict[str, Tensor]
+    backbone: Callable[..., Tensor]
+    encoder: Callable[..., Deviations] | None
+    head: Callable[..., Tensor]
     inner_lrs: Tensor | None
 
 
-def _split(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> _Parts:
+def _own_modules(learner: FiLMLearner) -> _Modules:
+    """The learner's modules called directly: no re-parametrisation cost per call."""
+    return _Modules(learner.backbone, learner.encoder, learner.head, learner.inner_lrs)
+
+
+def _functional_modules(
+    learner: FiLMLearner, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]
+) -> _Modules:
+    """The learner's modules evaluated at ``params``/``buffers`` (named as in the learner)."""
     groups: dict[str, dict[str, Tensor]] = {"backbone": {}, "encoder": {}, "head": {}, "": {}}
     for name, tensor in (*params.items(), *buffers.items()):
         module, _, rest = name.partition(".")
         groups[module if rest else ""][rest or name] = tensor
-    inner_lrs = groups[""].get("inner_lrs")
-    return _Parts(groups["backbone"], groups["encoder"], groups["head"], inner_lrs)
+
+    def at(module: torch.nn.Module | None, tensors: dict[str, Tensor]) -> Callable[..., Any]:
+        if module is None:
+            return None
+        return lambda *args, **kwargs: functional_call(module, tensors, args, kwargs)
+
+    return _Modules(
+        at(learner.backbone, groups["backbone"]),
+        at(learner.encoder, groups["encoder"]),
+        at(learner.head, groups["head"]),
+        groups[""].get("inner_lrs"),
+    )
 
 
 def _site_size(dgamma: Tensor, dbeta: Tensor) -> Tensor:
@@ -71,7 +90,7 @@ def _site_size(dgamma: Tensor, dbeta: Tensor) -> Tensor:
 
 
 def _task(
-    parts: _Parts,
+    modules: _Modules,
     learner: FiLMLearner,
     adapt: AdaptSpec,
     ways: int,
@@ -86,17 +105,15 @@ def _task(
     onehot = (support_y.unsqueeze(-1) == torch.arange(ways)).to(support_x.dtype)
 
     def embed(x: Tensor, film: Deviations | None) -> Tensor:
-        kwargs = {"film": film, "start_block": start_block}
-        return functional_call(learner.backbone, parts.backbone, (x,), kwargs)
+        return modules.backbone(x, film, start_block=start_block)
 
     def logits(support_features: Tensor | None, query_features: Tensor) -> Tensor:
-        return functional_call(learner.head, parts.head, (support_features, onehot, query_features))
+        return modules.head(support_features, onehot, query_features)
 
-    if learner.encoder is None:
+    if modules.encoder is None:
         predicted = identity(learner.site_channels, learner.used_sites, like=support_x)
     else:
-        representation = task_representation(embed(support_x, None), onehot)
-        predicted = functional_call(learner.encoder, parts.encoder, (representation,))
+        predicted = modules.encoder(task_representation(embed(support_x, None), onehot))
 
     def support_loss(deviations: Deviations) -> Tensor:
         features = embed(support_x, deviations)
@@ -109,7 +126,7 @@ def _task(
         inner_lr=adapt.inner_lr,
         first_order=adapt.first_order,
         film_l2=adapt.film_l2,
-        per_param_lr=learner.per_param_lr(parts.inner_lrs),
+        per_param_lr=learner.per_param_lr(modules.inner_lrs),
         differentiate=differentiate,
     )
     if learner.head.uses_support:
@@ -146,7 +163,7 @@ def task_loss(
     ``backbone.prefix(images, start_block)`` features.
     """
     return _task(
-        _split(params, buffers),
+        _functional_modules(learner, params, buffers),
         learner,
         adapt,
         task.ways,
@@ -157,6 +174,44 @@ def task_loss(
         task.query_x,
         task.query_y,
     )
+
+
+def _task_of(
+    modules: _Modules,
+    learner: FiLMLearner,
+    adapt: AdaptSpec,
+    episode: Episode,
+    start_block: int,
+    i: int,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Task ``i`` of ``episode`` by the autograd inner loop (the per-task loop)."""
+    return _task(
+        modules,
+        learner,
+        adapt,
+        episode.ways,
+        start_block,
+        "autograd",
+        episode.support_x[i],
+        episode.support_y[i],
+        episode.query_x[i],
+        episode.query_y[i],
+    )
+
+
+def _all_tasks_vmapped(
+    modules: _Modules, learner: FiLMLearner, adapt: AdaptSpec, episode: Episode, start_block: int
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Every task of ``episode`` in one ``vmap`` (``torch.func.grad`` inner loop)."""
+    one_task = partial(_task, modules, learner, adapt, episode.ways, start_block, "func")
+    return torch.func.vmap(one_task)(
+        episode.support_x, episode.support_y, episode.query_x, episode.query_y
+    )
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
 
 
 def meta_backward(
@@ -172,38 +227,24 @@ def meta_backward(
     ``mean over tasks (query loss + film_l2 * |adapted deviations|^2)``; return per-task metrics
     ``[tasks]`` (detached), ``loss`` included.
 
-    ``start_block`` defaults to what the inputs are: 0 for images, the first used block for the
-    cached prefix features of :func:`input_builder`.
+    ``loop`` back-propagates each task as soon as it is computed (the memory of one task);
+    ``vmap`` computes all tasks at once (far fewer, larger operations: faster when the per-task
+    work is small, as with a frozen backbone and a cached prefix). ``start_block`` defaults to
+    what the inputs are: 0 for images, the first used block for the cached prefix features of
+    :func:`input_builder`.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+    _check_strategy(strategy)
     if start_block is None:
         start_block = _start_block(learner, episode.support_x)
-    parts = _split(dict(learner.named_parameters()), dict(learner.named_buffers()))
-    tasks = episode.tasks
+    modules = _own_modules(learner)
     if strategy == "vmap":
-        one_task = partial(_task, parts, learner, adapt, episode.ways, start_block, "func")
-        losses, metrics = torch.func.vmap(one_task)(
-            episode.support_x, episode.support_y, episode.query_x, episode.query_y
-        )
+        losses, metrics = _all_tasks_vmapped(modules, learner, adapt, episode, start_block)
         (losses + film_l2 * metrics["film_l2"]).mean().backward()
         return {"loss": losses.detach(), **{k: v.detach() for k, v in metrics.items()}}
     per_task: list[dict[str, Tensor]] = []
-    for i in range(tasks):
-        task = episode.task(i)
-        loss, metrics = _task(
-            parts,
-            learner,
-            adapt,
-            episode.ways,
-            start_block,
-            "autograd",
-            task.support_x,
-            task.support_y,
-            task.query_x,
-            task.query_y,
-        )
-        ((loss + film_l2 * metrics["film_l2"]) / tasks).backward()
+    for i in range(episode.tasks):
+        loss, metrics = _task_of(modules, learner, adapt, episode, start_block, i)
+        ((loss + film_l2 * metrics["film_l2"]) / episode.tasks).backward()
         per_task.append({"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}})
     return {name: torch.stack([m[name] for m in per_task]) for name in per_task[0]}
 
@@ -256,37 +297,42 @@ def meta_step(
     return summary
 
 
-def evaluate(learner: FiLMLearner, episodes: Iterable[Episode], adapt: AdaptSpec) -> np.ndarray:
+def evaluate(
+    learner: FiLMLearner,
+    episodes: Iterable[Episode],
+    adapt: AdaptSpec,
+    *,
+    strategy: Strategy = "loop",
+) -> np.ndarray:
     """Query accuracy of every task of ``episodes`` after adaptation with ``adapt`` (its
     ``inner_steps`` may differ from training), as a float64 array in episode order.
 
     No outer gradient is formed; the inner loop still differentiates the deviations. The learner
     is evaluated in eval mode and returned to the mode it was in. A learner with Meta-SGD rates
-    uses them in place of ``adapt.inner_lr``.
+    uses them in place of ``adapt.inner_lr``. ``strategy`` as in :func:`meta_backward`.
     """
+    _check_strategy(strategy)
     first_order = replace(adapt, first_order=True)  # same values, no graph of the inner gradient
-    params = {name: p.detach() for name, p in learner.named_parameters()}
-    buffers = dict(learner.named_buffers())
+    modules = _own_modules(learner)
     was_training = learner.training
     learner.eval()
-    accuracies: list[float] = []
+    accuracies: list[Tensor] = []
     try:
         with torch.no_grad():
             for episode in episodes:
                 start_block = _start_block(learner, episode.support_x)
-                for i in range(episode.tasks):
-                    _, metrics = task_loss(
-                        params,
-                        buffers,
-                        learner,
-                        episode.task(i),
-                        first_order,
-                        start_block=start_block,
+                if strategy == "vmap":
+                    _, metrics = _all_tasks_vmapped(
+                        modules, learner, first_order, episode, start_block
                     )
-                    accuracies.append(float(metrics["accuracy"]))
+                    accuracies.extend(metrics["accuracy"])
+                    continue
+                for i in range(episode.tasks):
+                    _, metrics = _task_of(modules, learner, first_order, episode, start_block, i)
+                    accuracies.append(metrics["accuracy"])
     finally:
         learner.train(was_training)
-    return np.asarray(accuracies, dtype=np.float64)
+    return torch.stack(accuracies).double().numpy() if accuracies else np.zeros(0)
 
 
 def _start_block(learner: FiLMLearner, x: Tensor) -> int:

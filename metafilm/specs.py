@@ -48,7 +48,15 @@ class OuterSpec:
     lr: float = 1e-3
     meta_batch_size: int = 32
     film_l2: float = 1e-3
+    """Weight of the squared size of the adapted deviations in the outer loss."""
     postmult_l2: float = 1e-2
+    """Weight of the squared encoder post-multipliers in the outer loss (TADAM used 0.01)."""
     encoder_weight_decay: float = 1e-4
+    """Adam weight decay of the encoder's predictor (and of nothing else)."""
     grad_clip: float | None = 10.0
+    """Largest norm of the meta-gradient (all trainable parameters together); None: no clipping."""
     strategy: Literal["loop", "vmap"] = "loop"
+    """How a meta-batch is computed: ``loop``, task after task, each back-propagated at once (the
+    memory of one task; the faster for a full backbone on CPU), or ``vmap``, all tasks together
+    (several times faster when the per-task work is small, e.g. a frozen backbone with a cached
+    prefix; needs batch norm that updates no running statistics)."""

@@ -4,8 +4,9 @@ Each arm is a real `metafilm train` of `configs/quickstart.toml` (Conv-4 width 3
 1-shot, 5 query) with validation off and a row of metrics.jsonl per step; the throughput is read
 from the rows' `wall_time` (seconds of training on rank 0, start-up and checkpoint writes excluded),
 after `--warmup` steps. The arms alternate within each repeat; figures are medians over repeats.
-The largest weight difference between the arms' final checkpoints is printed as a check that they
-trained the same model. Run from the repository root, with the data root in `METAFILM_DATA_ROOT`:
+(That the arms train the same model is checked by tests/test_distributed.py on a short run; over
+this many steps rounding differences grow, as they do between thread counts of one process.)
+Run from the repository root, with the data root in `METAFILM_DATA_ROOT`:
 
     python scripts/bench_distributed.py --processes 1 2 --repeats 3 --json /tmp/bench_dist.json
 
@@ -27,8 +28,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from metafilm.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "quickstart.toml"
@@ -72,11 +71,6 @@ def run_arm(processes: int, out: Path, args: argparse.Namespace) -> float:
     return tasks / (last["wall_time"] - first["wall_time"])
 
 
-def max_weight_difference(a: Path, b: Path) -> float:
-    first, second = load_checkpoint(a / "last.pt")["model"], load_checkpoint(b / "last.pt")["model"]
-    return max(float((first[k].double() - second[k].double()).abs().max()) for k in first)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
@@ -101,8 +95,6 @@ def main() -> None:
                 rate = run_arm(n, Path(scratch) / f"p{n}", args)
                 throughput[n].append(rate)
                 print(f"repeat {repeat + 1}: {n} process(es): {rate:.1f} tasks/s", flush=True)
-        runs = [Path(scratch) / f"p{n}" for n in args.processes]
-        difference = max(max_weight_difference(runs[0], run) for run in runs[1:] or runs)
 
     base = statistics.median(throughput[args.processes[0]])
     result = {
@@ -122,13 +114,11 @@ def main() -> None:
         },
         "tasks_per_s": {str(n): statistics.median(rates) for n, rates in throughput.items()},
         "all_tasks_per_s": {str(n): rates for n, rates in throughput.items()},
-        "max_weight_difference": difference,
     }
     print(f"\nmedian over {args.repeats} repeats, meta-batch {args.meta_batch_size}:")
     for n, rates in throughput.items():
         median = statistics.median(rates)
         print(f"  {n} process(es): {median:7.1f} tasks/s  ({median / base:.2f}x)")
-    print(f"largest weight difference between the arms after {args.steps} steps: {difference:.2e}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

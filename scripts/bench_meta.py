@@ -1,11 +1,12 @@
 """Meta-training speed and peak memory: the FiLM core vs full-parameter MAML and plain training.
 
 Workload: Conv-4 (64 filters), 28x28x1 images, 5-way 1-shot, 15 query per class, meta-batch of 32
-tasks, one second-order inner step, an Adam outer step in every arm. Each arm runs in a fresh
-subprocess (isolated allocator state, its own peak memory), the arms alternate within each repeat,
-and the figures are medians over repeats. Run from the repository root:
+tasks, one second-order inner step, an Adam outer step in every arm. Speed: every arm is built in
+one fresh process and the arms take meta-steps in turn on the same tasks, so that they share the
+machine's load (it is shared and noisy); ``--repeats`` such processes. Memory: each arm alone in a
+fresh process, peak resident memory above the baseline. Run from the repository root:
 
-    PYTHONPATH=. python scripts/bench_meta.py --repeats 3 --json /tmp/bench_meta.json
+    PYTHONPATH=. python scripts/bench_meta.py --json /tmp/bench_meta.json
 
 Images are random uint8 (speed does not depend on them) unless ``--data-root`` (default
 ``METAFILM_DATA_ROOT``) points at Omniglot, whose "background" split is then used.
@@ -24,6 +25,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,7 @@ from episodes.classes import ClassImages
 from episodes.omniglot import load_omniglot
 from episodes.sampler import Episode, EpisodeSampler, IndexEpisode, gather
 from metafilm import AdaptSpec, FiLMLearner, ModelSpec, OuterSpec
+from metafilm.backbones import build_backbone
 from metafilm.meta import input_builder, make_optimizer, meta_step
 
 WAYS, SHOTS, QUERY, IMAGE_SIZE, WIDTH = 5, 1, 15, 28, 64
@@ -44,37 +48,52 @@ MAML_INNER_LR = 0.4
 
 @dataclass(frozen=True)
 class Arm:
-    """One contender: what it is, and the settings of the FiLM core it uses (``None`` for peers)."""
+    """One contender: a peer written by hand (``peer``) or the FiLM core with these settings."""
 
     description: str
     model: dict[str, object] = field(default_factory=dict)
     outer: dict[str, object] = field(default_factory=dict)
-    core: bool = True
+    peer: Literal["plain", "maml"] | None = None
+    channels_last: bool = False
 
 
+FROZEN_RUNNING = {"backbone_mode": "frozen", "bn_mode": "running"}
 ARMS: dict[str, Arm] = {
-    "plain": Arm("(1) plain fwd+bwd, 80 images per task, linear head", core=False),
-    "maml": Arm("(2) full-parameter MAML, second order (autograd.grad idiom)", core=False),
+    "plain": Arm("(1) plain fwd+bwd, 80 images per task, linear head", peer="plain"),
+    "plain-cl": Arm("(1) the same, channels_last weights", peer="plain", channels_last=True),
+    "maml": Arm("(2) full-parameter MAML, second order (autograd.grad idiom)", peer="maml"),
+    "maml-cl": Arm("(2) the same, channels_last weights", peer="maml", channels_last=True),
     "film-all": Arm("(3) core, outer backbone, FiLM on all 4 blocks", {"film_sites": "all"}),
     "film-block1": Arm("(3) core, outer backbone, FiLM on block1", {"film_sites": ("block1",)}),
     "film-all-noenc": Arm(
-        "(3) core, outer backbone, FiLM on all blocks, no encoder",
+        "(3) core, outer backbone, FiLM on all blocks, encoder none",
         {"film_sites": "all", "encoder": "none"},
+    ),
+    "film-all-cl": Arm(
+        "(3) core, outer backbone, FiLM on all blocks, channels_last backbone",
+        {"film_sites": "all"},
+        channels_last=True,
     ),
     "frozen-block4-cached": Arm(
         "(4) core, frozen backbone, FiLM on block4, cached prefix",
-        {"film_sites": ("block4",), "backbone_mode": "frozen", "bn_mode": "running"},
+        {"film_sites": ("block4",), **FROZEN_RUNNING},
     ),
     "frozen-block4-cached-vmap": Arm(
-        "(4) core, frozen backbone, FiLM on block4, cached prefix, tasks under vmap",
-        {"film_sites": ("block4",), "backbone_mode": "frozen", "bn_mode": "running"},
+        "(4) core, frozen backbone, FiLM on block4, cached prefix, strategy vmap",
+        {"film_sites": ("block4",), **FROZEN_RUNNING},
         {"strategy": "vmap"},
     ),
     "frozen-block1": Arm(
-        "(4) core, frozen backbone, FiLM on block1 (nothing cached)",
-        {"film_sites": ("block1",), "backbone_mode": "frozen", "bn_mode": "running"},
+        "(4) core, frozen backbone, FiLM on block1 (nothing to cache)",
+        {"film_sites": ("block1",), **FROZEN_RUNNING},
     ),
 }
+
+
+def load_lazy_imports() -> None:
+    """Construct a throwaway optimiser: the first one imports ``torch._dynamo`` (seconds, ~70 MiB),
+    which belongs to the imports, not to whichever arm comes first."""
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
 def peak_rss_mib() -> float:
@@ -145,110 +164,150 @@ def load_classes(data_root: str | None, classes: int, per_class: int) -> ClassIm
     return ClassImages(images, offsets, tuple(f"class{c}" for c in range(classes)))
 
 
-def build_arm(
-    name: str, classes: ClassImages
-) -> tuple[Callable[[Episode], object], Callable[[IndexEpisode], Episode]]:
+Step = Callable[[Episode], object]
+Build = Callable[[IndexEpisode], Episode]
+
+
+def build_arm(name: str, classes: ClassImages) -> tuple[Step, Build]:
     """The arm's training step and its input builder (index episode -> episode)."""
+    torch.manual_seed(0)
     arm = ARMS[name]
-    if not arm.core:
-        model = peer_network()
+    layout = torch.channels_last if arm.channels_last else torch.contiguous_format
+    if arm.peer is not None:
+        model = peer_network().to(memory_format=layout)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        step = plain_step if name == "plain" else maml_step
-        return (lambda episode: step(model, optimizer, episode)), (lambda ep: gather(classes, ep))
+        peer_step = plain_step if arm.peer == "plain" else maml_step
+        return partial(peer_step, model, optimizer), partial(gather, classes)
     adapt = AdaptSpec(inner_steps=1, first_order=False)
     outer = OuterSpec(meta_batch_size=32, **arm.outer)
-    learner = FiLMLearner(ModelSpec(head_ways=WAYS, **arm.model), adapt)
+    spec = ModelSpec(head_ways=WAYS, **arm.model)
+    backbone = build_backbone(spec).to(memory_format=layout)
+    learner = FiLMLearner(spec, adapt, backbone=backbone)
     optimizer = make_optimizer(learner, outer)
     build = input_builder(learner, classes)
-    return (lambda episode: meta_step(learner, optimizer, episode, adapt, outer)), build
+    return partial(meta_step, learner, optimizer, adapt=adapt, outer=outer), build
 
 
-def worker(args: argparse.Namespace) -> dict[str, object]:
-    """Time one arm in this process; return its figures."""
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    classes = load_classes(args.data_root, args.classes, args.per_class)
+def index_episodes(
+    args: argparse.Namespace, classes: ClassImages, count: int
+) -> list[IndexEpisode]:
+    """``count`` meta-batches of task indices, the same for every arm."""
     sampler = EpisodeSampler(classes, WAYS, SHOTS, QUERY, seed=0)
-    index_episodes = [
-        sampler.sample(step, args.meta_batch_size) for step in range(args.warmup + args.steps)
-    ]
-    baseline_mib = peak_rss_mib()
-    setup_start = time.perf_counter()
-    step, build = build_arm(args.worker, classes)
-    setup_s = time.perf_counter() - setup_start
-    times = []
-    for i, index_episode in enumerate(index_episodes):
+    return [sampler.sample(step, args.meta_batch_size) for step in range(count)]
+
+
+def speed_worker(args: argparse.Namespace) -> dict[str, object]:
+    """All arms in this process, stepping in turn (round ``r`` starts with arm ``r``), so that
+    every arm sees the same load; per arm the wall time of each timed step."""
+    load_lazy_imports()
+    classes = load_classes(args.data_root, args.classes, args.per_class)
+    names = args.arms.split(",")
+    arms, setup_s = {}, {}
+    for name in names:
         start = time.perf_counter()
+        arms[name] = build_arm(name, classes)
+        setup_s[name] = time.perf_counter() - start
+    episodes = index_episodes(args, classes, args.warmup + args.steps)
+    step_s: dict[str, list[float]] = {name: [] for name in names}
+    for i, index_episode in enumerate(episodes):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            step, build = arms[name]
+            start = time.perf_counter()
+            step(build(index_episode))
+            if i >= args.warmup:
+                step_s[name].append(time.perf_counter() - start)
+    return {"step_s": step_s, "setup_s": setup_s}
+
+
+def memory_worker(args: argparse.Namespace) -> dict[str, object]:
+    """One arm alone in this process: peak resident memory above the baseline after imports,
+    data and task indices, once set up and after ``warmup`` steps and one more."""
+    load_lazy_imports()
+    classes = load_classes(args.data_root, args.classes, args.per_class)
+    episodes = index_episodes(args, classes, args.warmup + 1)
+    baseline_mib = peak_rss_mib()
+    step, build = build_arm(args.arms, classes)
+    setup_mib = peak_rss_mib() - baseline_mib
+    for index_episode in episodes:
         step(build(index_episode))
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return {
-        "arm": args.worker,
-        "tasks_per_s": args.meta_batch_size / statistics.median(times),
-        "step_s": times,
-        "peak_mib": peak_rss_mib() - baseline_mib,
-        "baseline_mib": baseline_mib,
-        "setup_s": setup_s,
-        "threads": torch.get_num_threads(),
-        "allocator": metafilm.ALLOCATOR,
-    }
+    return {"peak_mib": peak_rss_mib() - baseline_mib, "setup_mib": setup_mib}
 
 
-def run_worker(name: str, args: argparse.Namespace) -> dict[str, object]:
-    """Run ``worker`` for arm ``name`` in a fresh interpreter."""
+def run_worker(kind: str, arms: str, args: argparse.Namespace) -> dict[str, object]:
+    """Run a ``kind`` worker ("speed" or "memory") on ``arms`` in a fresh interpreter."""
     command = [
-        sys.executable, os.path.abspath(__file__), "--worker", name,
+        sys.executable, os.path.abspath(__file__), "--worker", kind, "--arms", arms,
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
         "--meta-batch-size", str(args.meta_batch_size), "--classes", str(args.classes),
         "--per-class", str(args.per_class), "--data-root", args.data_root or "",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"arm {name} failed:\n{done.stderr}")
+        raise RuntimeError(f"{kind} worker for {arms} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(results: dict[str, list[dict[str, object]]]) -> str:
-    """Markdown table: medians over repeats; ratios are per-repeat ratios (arms run side by side
-    in the same repeat), then their median."""
+def summarise(
+    speed: list[dict], memory: dict[str, dict], meta_batch_size: int
+) -> dict[str, dict[str, float]]:
+    """Per arm: median tasks/s over every timed step, the median over steps of its speed relative
+    to MAML and to plain *in the same round* (steps that ran side by side), peak memory."""
+    names = list(speed[0]["step_s"])
+    rounds = [
+        {name: meta_batch_size / run["step_s"][name][i] for name in names}
+        for run in speed
+        for i in range(len(run["step_s"][names[0]]))
+    ]
+    summary = {}
+    for name in names:
+        row = {
+            "tasks_per_s": statistics.median(r[name] for r in rounds),
+            "setup_s": statistics.median(run["setup_s"][name] for run in speed),
+        }
+        for reference in ("maml", "plain"):
+            if reference in names:
+                row[f"vs_{reference}"] = statistics.median(r[name] / r[reference] for r in rounds)
+        row.update(memory.get(name, {}))
+        summary[name] = row
+    return summary
 
-    def ratio(name: str, reference: str) -> str:
-        if reference not in results:
-            return "-"
-        pairs = zip(results[name], results[reference], strict=True)
-        return f"{statistics.median(a['tasks_per_s'] / b['tasks_per_s'] for a, b in pairs):.2f}"
+
+def table(summary: dict[str, dict[str, float]]) -> str:
+    """The summary as a Markdown table."""
+
+    def cell(row: dict[str, float], key: str, digits: int) -> str:
+        return f"{row[key]:.{digits}f}" if key in row else "-"
 
     lines = [
-        "| arm | what | tasks/s | × MAML (2) | × plain (1) | peak MiB | setup s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| arm | what | tasks/s | × MAML (2) | × plain (1) | peak MiB | of which setup | setup s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, runs in results.items():
-        speed = statistics.median(run["tasks_per_s"] for run in runs)
-        peak = statistics.median(run["peak_mib"] for run in runs)
-        setup = statistics.median(run["setup_s"] for run in runs)
-        lines.append(
-            f"| {name} | {ARMS[name].description} | {speed:.2f} | {ratio(name, 'maml')} | "
-            f"{ratio(name, 'plain')} | {peak:.0f} | {setup:.2f} |"
-        )
+    for name, row in summary.items():
+        cells = [
+            cell(row, "tasks_per_s", 2),
+            cell(row, "vs_maml", 2),
+            cell(row, "vs_plain", 2),
+            cell(row, "peak_mib", 0),
+            cell(row, "setup_mib", 0),
+            cell(row, "setup_s", 2),
+        ]
+        lines.append(f"| {name} | {ARMS[name].description} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
-def environment(results: dict[str, list[dict[str, object]]], args: argparse.Namespace) -> dict:
-    """What the figures depend on besides the code: machine, torch, threads, allocator."""
-    first = next(iter(results.values()))[0]
+def environment(args: argparse.Namespace, allocator: dict[str, int]) -> dict[str, object]:
+    """What the figures depend on besides the code: machine, torch, threads, allocator, load."""
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "threads": first["threads"],
-        "allocator_tune": first["allocator"],
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_"))},
-        "METAFILM_TUNE_ALLOCATOR": os.environ.get("METAFILM_TUNE_ALLOCATOR", "(unset: on)"),
-        "load_average": os.getloadavg(),
+        "threads": args.threads,
+        "allocator (metafilm.tune_allocator)": allocator,
+        "METAFILM_TUNE_ALLOCATOR": os.environ.get("METAFILM_TUNE_ALLOCATOR", "(unset: tuned)"),
+        "malloc env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_"))},
+        "load average at end": os.getloadavg(),
         "data": args.data_root or f"random uint8, {args.classes} classes x {args.per_class}",
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
+        "steps x repeats (timed), warmup": f"{args.steps} x {args.repeats}, {args.warmup}",
         "meta_batch_size": args.meta_batch_size,
     }
 
@@ -256,42 +315,50 @@ def environment(results: dict[str, list[dict[str, object]]], args: argparse.Name
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated of {list(ARMS)}")
-    parser.add_argument("--steps", type=int, default=5, help="timed meta-steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed meta-steps first")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of every arm, interleaved")
+    parser.add_argument("--steps", type=int, default=4, help="timed meta-steps per arm per repeat")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed meta-steps per arm first")
+    parser.add_argument("--repeats", type=int, default=2, help="fresh processes timing all arms")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--meta-batch-size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=200, help="random classes (no data root)")
     parser.add_argument("--per-class", type=int, default=20, help="random images per class")
     parser.add_argument("--data-root", default=os.environ.get("METAFILM_DATA_ROOT"))
+    parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure each arm's peak memory in a process of its own",
+    )
     parser.add_argument("--json", metavar="OUT", help="write every measurement here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("speed", "memory"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.worker:
+        worker = speed_worker if args.worker == "speed" else memory_worker
         print(json.dumps(worker(args)))
         return
     names = [name.strip() for name in args.arms.split(",") if name.strip()]
     unknown = [name for name in names if name not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
-    results: dict[str, list[dict[str, object]]] = {name: [] for name in names}
+    speed = []
     for repeat in range(args.repeats):
-        for name in names if repeat % 2 == 0 else reversed(names):
-            result = run_worker(name, args)
-            results[name].append(result)
-            print(
-                f"repeat {repeat} {name}: {result['tasks_per_s']:.2f} tasks/s, "
-                f"peak +{result['peak_mib']:.0f} MiB",
-                file=sys.stderr,
-                flush=True,
-            )
-    env = environment(results, args)
-    print(table(results))
+        speed.append(run_worker("speed", ",".join(names), args))
+        print(f"speed repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    memory = {}
+    if args.memory:
+        for name in names:
+            memory[name] = run_worker("memory", name, args)
+            print(f"memory {name}: +{memory[name]['peak_mib']:.0f} MiB", file=sys.stderr)
+    summary = summarise(speed, memory, args.meta_batch_size)
+    env = environment(args, metafilm.ALLOCATOR)
+    print(table(summary))
     print()
     print(json.dumps(env, indent=1))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"environment": env, "runs": results}, out, indent=1)
+            report = {"environment": env, "summary": summary, "speed": speed, "memory": memory}
+            json.dump(report, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ def _reference_task_loss(learner, sx, sy, qx, qy, adapt: AdaptSpec, start_block:
     else:
         features = backbone(torch.cat([sx, qx]), film(flat), start_block=start_block)
         query_logits = logits(features[: len(sx)], features[len(sx) :])
-    return F.cross_entropy(query_logits, qy), sum(t.pow(2).sum() for t in flat)
+    accuracy = (query_logits.argmax(-1) == qy).double().mean()
+    return F.cross_entropy(query_logits, qy), sum(t.pow(2).sum() for t in flat), accuracy
 
 
 def _reference_meta_gradient(learner, episode, adapt, film_l2):
@@ -136,7 +137,7 @@ def _reference_meta_gradient(learner, episode, adapt, film_l2):
     losses, total = [], 0.0
     for i in range(episode.tasks):
         t = episode.task(i)
-        loss, l2 = _reference_task_loss(
+        loss, l2, _ = _reference_task_loss(
             learner, t.support_x, t.support_y, t.query_x, t.query_y, adapt
         )
         losses.append(loss.detach())
@@ -263,6 +264,27 @@ def test_meta_step_and_evaluate_run_for_every_encoder_and_head(encoder, head):
     accuracies = evaluate(learner, [_episode(2, torch.float32)], replace(adapt, inner_steps=3))
     assert accuracies.shape == (TASKS,) and learner.training
     assert bool(((accuracies >= 0) & (accuracies <= 1)).all())
+
+
+@pytest.mark.parametrize("model", [{}, {"backbone_mode": "frozen", "bn_mode": "running"}])
+def test_evaluation_by_vmap_equals_the_loop_and_takes_its_inner_steps_from_the_spec(model):
+    learner = _learner(**model)
+    episodes = [_episode(3), _episode(4)]
+    accuracies = {}
+    for inner_steps in (0, 3):
+        adapt = AdaptSpec(inner_steps=inner_steps, inner_lr=2.0)
+        loop = evaluate(learner, episodes, adapt)
+        np.testing.assert_allclose(evaluate(learner, episodes, adapt, strategy="vmap"), loop)
+        accuracies[inner_steps] = loop
+    assert accuracies[0].shape == (2 * TASKS,)
+    # one task by hand, in eval mode: 3 inner steps, then the query accuracy
+    learner.eval()
+    task = episodes[1].task(2)
+    adapt = AdaptSpec(inner_steps=3, inner_lr=2.0)
+    *_, expected = _reference_task_loss(
+        learner, task.support_x, task.support_y, task.query_x, task.query_y, adapt
+    )
+    assert accuracies[3][TASKS + 2] == pytest.approx(float(expected))
 
 
 def test_optimizer_decays_the_encoder_predictor_only_and_skips_a_frozen_backbone():

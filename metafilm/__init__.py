@@ -8,7 +8,9 @@ from metafilm.allocator import tune_allocator, tune_on_import
 from metafilm.encoder import TaskEncoder
 from metafilm.heads import LinearHead, PrototypeHead
 from metafilm.inner import adapt
+from metafilm.interop import as_episode, split_task
 from metafilm.learner import FiLMLearner
+from metafilm.maml import FiLMClone, FiLMMAML, SupportEncoder
 from metafilm.meta import (
     evaluate,
     input_builder,
@@ -27,19 +29,24 @@ ALLOCATOR: dict[str, int] = tune_on_import()
 __all__ = [
     "ALLOCATOR",
     "AdaptSpec",
+    "FiLMClone",
     "FiLMLearner",
+    "FiLMMAML",
     "LinearHead",
     "ModelSpec",
     "OuterSpec",
     "PrototypeHead",
+    "SupportEncoder",
     "TaskEncoder",
     "adapt",
+    "as_episode",
     "evaluate",
     "input_builder",
     "make_optimizer",
     "meta_backward",
     "meta_step",
     "pretrain_backbone",
+    "split_task",
     "task_loss",
     "tune_allocator",
 ]

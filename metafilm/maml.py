@@ -95,13 +95,14 @@ class FiLMMAML(nn.Module):
                     "call maml.clone()"
                 )
             reference = next(self.model.parameters(), None)
-            return FiLMClone(self, identity(self.site_channels, self.sites, like=reference))
+            start = identity(self.site_channels, self.sites, like=reference)
+            return FiLMClone(self, _differentiable(start))
         if not support:
             raise TypeError(
                 "this FiLMMAML has an encoder, which predicts a task's starting FiLM from its "
                 "support set: call maml.clone(support_x, support_y) (the encoder's arguments)"
             )
-        return FiLMClone(self, self._check_prediction(self.encoder(*support)))
+        return FiLMClone(self, _differentiable(self._check_prediction(self.encoder(*support))))
 
     def adapt(self, *args: Any, **kwargs: Any) -> None:
         """Refuses: the wrapper holds no task state; adapt a clone."""
@@ -132,12 +133,12 @@ class FiLMClone:
     """One task's learner: the wrapped model with this task's FiLM deviations.
 
     Holds no parameters; ``deviations`` is part of the autograd graph from the model's weights
-    (and the encoder's) to whatever loss is computed with it.
+    (and the encoder's) to whatever loss is computed with it. Made by ``FiLMMAML.clone``.
     """
 
     def __init__(self, maml: FiLMMAML, deviations: Deviations) -> None:
         self.maml = maml
-        self.deviations = _differentiable(deviations)
+        self.deviations = deviations
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The model's output with this task's FiLM at every site."""
@@ -282,7 +283,11 @@ def _channels_of(
                 f"site_channels={{{site!r}: C}}"
             )
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"site_channels[{site!r}] must be a positive int; got {count!r}")
+            source = "site_channels" if site in given else f"{type(module).__name__}'s attribute"
+            raise ValueError(
+                f"the channel count of FiLM site {site!r} must be a positive int; {source} gives "
+                f"{count!r}"
+            )
         channels[site] = count
     return channels
 

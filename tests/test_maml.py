@@ -357,9 +357,9 @@ def test_ddp_model_meta_gradients_go_through_the_all_reduce(gloo_group):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-TRAIN_STEPS, META_BATCH, TRAIN_QUERY, INNER_STEPS, INNER_LR = 100, 8, 3, 2, 12.0
+TRAIN_STEPS, META_BATCH, TRAIN_QUERY, INNER_STEPS, INNER_LR = 150, 8, 3, 2, 12.0
 TEST_EPISODES, TEST_QUERY, TEST_INNER_STEPS = 100, 15, 4
-MIN_TEST_ACCURACY = 0.6
+MIN_TEST_ACCURACY = 0.70  # measured 0.816 +- 0.020 (95% CI) with these settings
 
 
 @pytest.mark.slow
@@ -367,7 +367,7 @@ MIN_TEST_ACCURACY = 0.6
 def test_learn2learn_style_loop_learns_omniglot_5way_1shot(omniglot_split):
     """The learn2learn MAML loop with a plain Conv-4 and FiLM on its four batch norms.
 
-    Protocol: 5-way 1-shot, trained on Vinyals `train` (3 query per class, 8 tasks per step,
+    Protocol: 5-way 1-shot, trained on Vinyals `train` for 150 steps (3 query per class, 8 tasks,
     2 inner steps at lr 12, second order, Adam 3e-3); evaluated on 100 fixed Vinyals `test`
     episodes (seed 1, 15 query per class) after 4 inner steps, batch norm in train mode (batch
     statistics of the support or query set: transductive, as MAML). Chance is 20%.

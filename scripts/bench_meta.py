@@ -4,7 +4,8 @@ Workload: Conv-4 (64 filters), 28x28x1 images, 5-way 1-shot, 15 query per class,
 tasks, one second-order inner step, an Adam outer step in every arm. Speed: every arm is built in
 one fresh process and the arms take meta-steps in turn on the same tasks, so that they share the
 machine's load (it is shared and noisy); ``--repeats`` such processes. Memory: each arm alone in a
-fresh process, peak resident memory above the baseline. Run from the repository root:
+fresh process (``--repeats`` times), peak resident memory above the baseline. From the repository
+root:
 
     PYTHONPATH=. python scripts/bench_meta.py --json /tmp/bench_meta.json
 
@@ -248,10 +249,11 @@ def run_worker(kind: str, arms: str, args: argparse.Namespace) -> dict[str, obje
 
 
 def summarise(
-    speed: list[dict], memory: dict[str, dict], meta_batch_size: int
+    speed: list[dict], memory: dict[str, list[dict]], meta_batch_size: int
 ) -> dict[str, dict[str, float]]:
     """Per arm: median tasks/s over every timed step, the median over steps of its speed relative
-    to MAML and to plain *in the same round* (steps that ran side by side), peak memory."""
+    to MAML and to plain *in the same round* (steps that ran side by side), and the median over
+    processes of its peak memory."""
     names = list(speed[0]["step_s"])
     rounds = [
         {name: meta_batch_size / run["step_s"][name][i] for name in names}
@@ -267,7 +269,9 @@ def summarise(
         for reference in ("maml", "plain"):
             if reference in names:
                 row[f"vs_{reference}"] = statistics.median(r[name] / r[reference] for r in rounds)
-        row.update(memory.get(name, {}))
+        for key in ("peak_mib", "setup_mib"):
+            if memory.get(name):
+                row[key] = statistics.median(run[key] for run in memory[name])
         summary[name] = row
     return summary
 
@@ -317,7 +321,9 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated of {list(ARMS)}")
     parser.add_argument("--steps", type=int, default=4, help="timed meta-steps per arm per repeat")
     parser.add_argument("--warmup", type=int, default=1, help="untimed meta-steps per arm first")
-    parser.add_argument("--repeats", type=int, default=2, help="fresh processes timing all arms")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="fresh processes timing all arms / measuring each"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--meta-batch-size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=200, help="random classes (no data root)")
@@ -345,11 +351,11 @@ def main() -> None:
     for repeat in range(args.repeats):
         speed.append(run_worker("speed", ",".join(names), args))
         print(f"speed repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-    memory = {}
-    if args.memory:
+    memory: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for repeat in range(args.repeats if args.memory else 0):
         for name in names:
-            memory[name] = run_worker("memory", name, args)
-            print(f"memory {name}: +{memory[name]['peak_mib']:.0f} MiB", file=sys.stderr)
+            memory[name].append(run_worker("memory", name, args))
+        print(f"memory repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     summary = summarise(speed, memory, args.meta_batch_size)
     env = environment(args, metafilm.ALLOCATOR)
     print(table(summary))

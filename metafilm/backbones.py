@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._C._functorch import TransformType, get_interpreter_stack
 
-from metafilm.film import modulate
+from metafilm.film import fold_into_affine, modulate
 from metafilm.specs import BatchNormMode, ModelSpec
 
 BN_MODES: tuple[str, ...] = ("episode", "running")
@@ -68,9 +68,21 @@ class BatchNorm(nn.Module):
             self.register_buffer("running_mean", torch.zeros(channels))
             self.register_buffer("running_var", torch.ones(channels))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, film: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Normalise ``x``; ``film = (dgamma, dbeta)`` modulates the result.
+
+        FiLM is folded into the affine weight and bias (the same function, ~10% faster per task
+        on CPU), except under ``vmap``: there batch norm with per-task affine parameters gives
+        second-order gradients off by ~1% (checked against a loop and finite differences), so
+        FiLM is applied after the layer instead.
+        """
+        if film is not None and _inside_vmap():
+            return modulate(self(x), *film)
+        weight, bias = self.weight, self.bias
+        if film is not None:
+            weight, bias = fold_into_affine(weight, bias, *film)
         if self.bn_mode == "episode":
-            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+            return F.batch_norm(x, None, None, weight, bias, training=True, eps=self.eps)
         if self.training and _inside_vmap():
             raise RuntimeError(
                 "batch norm in 'running' mode updates its running statistics in training and "
@@ -80,20 +92,12 @@ class BatchNorm(nn.Module):
             x,
             self.running_mean,
             self.running_var,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             training=self.training,
             momentum=self.momentum,
             eps=self.eps,
         )
-
-
-def _film_at(h: Tensor, film: Film, site: str) -> Tensor:
-    """FiLM ``h`` at ``site`` if the deviations name it; otherwise ``h`` untouched."""
-    if site not in film:
-        return h
-    dgamma, dbeta = film[site]
-    return modulate(h, dgamma, dbeta)
 
 
 class Conv4Block(nn.Module):
@@ -108,7 +112,7 @@ class Conv4Block(nn.Module):
         self.bn = BatchNorm(out_channels, bn_mode)
 
     def forward(self, x: Tensor, film: Film) -> Tensor:
-        h = _film_at(self.bn(self.conv(x)), film, self.sites[0])
+        h = self.bn(self.conv(x), film.get(self.sites[0]))
         return F.max_pool2d(F.relu(h), 2)
 
 
@@ -133,9 +137,9 @@ class ResNet12Block(nn.Module):
 
     def forward(self, x: Tensor, film: Film) -> Tensor:
         site1, site2, site3 = self.sites
-        h = F.leaky_relu(_film_at(self.bn1(self.conv1(x)), film, site1), LEAKY_SLOPE)
-        h = F.leaky_relu(_film_at(self.bn2(self.conv2(h)), film, site2), LEAKY_SLOPE)
-        h = _film_at(self.bn3(self.conv3(h)), film, site3)
+        h = F.leaky_relu(self.bn1(self.conv1(x), film.get(site1)), LEAKY_SLOPE)
+        h = F.leaky_relu(self.bn2(self.conv2(h), film.get(site2)), LEAKY_SLOPE)
+        h = self.bn3(self.conv3(h), film.get(site3))
         h = h + self.shortcut_bn(self.shortcut_conv(x))
         return F.max_pool2d(F.leaky_relu(h, LEAKY_SLOPE), 2)
 

@@ -46,14 +46,33 @@ def modulate(h: Tensor, dgamma: Tensor, dbeta: Tensor) -> Tensor:
     if h.dim() < 2:
         raise ValueError(f"FiLM needs activations shaped [N, C, ...]; got shape {tuple(h.shape)}")
     channels = h.shape[1]
+    _check_channels(channels, dgamma, dbeta)
+    per_channel = (channels,) + (1,) * (h.dim() - 2)
+    return torch.addcmul(h + dbeta.reshape(per_channel), h, dgamma.reshape(per_channel))
+
+
+def fold_into_affine(
+    weight: Tensor, bias: Tensor, dgamma: Tensor, dbeta: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The affine weight and bias of a normalisation layer with FiLM folded in.
+
+    FiLM right after a per-channel affine layer is itself per-channel affine:
+    ``(1 + dgamma) * (weight * n + bias) + dbeta``. Folding it into the layer's ``[C]``-sized
+    parameters saves two full-size passes over the activations in each direction; zero deviations
+    give back ``weight`` and ``bias`` bit for bit.
+    """
+    _check_channels(weight.shape[-1], dgamma, dbeta)
+    gamma = 1 + dgamma
+    return weight * gamma, bias * gamma + dbeta
+
+
+def _check_channels(channels: int, dgamma: Tensor, dbeta: Tensor) -> None:
     for name, value in (("dgamma", dgamma), ("dbeta", dbeta)):
         if tuple(value.shape) != (channels,):
             raise ValueError(
                 f"FiLM {name} must have shape [{channels}] (the channels of this site); "
                 f"got {tuple(value.shape)}"
             )
-    per_channel = (channels,) + (1,) * (h.dim() - 2)
-    return torch.addcmul(h + dbeta.reshape(per_channel), h, dgamma.reshape(per_channel))
 
 
 def l2_to_identity(deviations: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:

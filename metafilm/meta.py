@@ -40,11 +40,12 @@ from metafilm.encoder import task_representation
 from metafilm.film import Deviations, identity, l2_to_identity
 from metafilm.inner import Differentiate
 from metafilm.inner import adapt as adapt_deviations
+from metafilm.interop import as_episode
 from metafilm.learner import FiLMLearner
 from metafilm.specs import AdaptSpec, OuterSpec
 
-Strategy = Literal["loop", "vmap"]
-STRATEGIES = ("loop", "vmap")
+Strategy = Literal["auto", "loop", "vmap"]
+STRATEGIES = ("auto", "loop", "vmap")
 
 
 class _Modules(NamedTuple):
@@ -209,9 +210,14 @@ def _all_tasks_vmapped(
     )
 
 
-def _check_strategy(strategy: str) -> None:
+def _resolve_strategy(strategy: str, start_block: int) -> str:
+    """``auto``: ``vmap`` over cached prefix features (small per-task work: ~3x faster than the
+    loop on CPU, docs/benchmarks.md), the per-task ``loop`` over images (faster there)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+    if strategy == "auto":
+        return "vmap" if start_block > 0 else "loop"
+    return strategy
 
 
 def meta_backward(
@@ -220,7 +226,7 @@ def meta_backward(
     adapt: AdaptSpec,
     *,
     film_l2: float = 0.0,
-    strategy: Strategy = "loop",
+    strategy: Strategy = "auto",
     start_block: int | None = None,
 ) -> dict[str, Tensor]:
     """Add to every parameter's ``.grad`` the meta-gradient of
@@ -229,13 +235,15 @@ def meta_backward(
 
     ``loop`` back-propagates each task as soon as it is computed (the memory of one task);
     ``vmap`` computes all tasks at once (far fewer, larger operations: faster when the per-task
-    work is small, as with a frozen backbone and a cached prefix). ``start_block`` defaults to
-    what the inputs are: 0 for images, the first used block for the cached prefix features of
-    :func:`input_builder`.
+    work is small, as with a frozen backbone and a cached prefix); ``auto`` picks between them.
+    ``start_block`` defaults to what the inputs are: 0 for images, the first used block for the
+    cached prefix features of :func:`input_builder`. ``episode`` may also be a torchmeta batch or
+    learn2learn task tuples (:func:`metafilm.interop.as_episode`).
     """
-    _check_strategy(strategy)
+    episode = as_episode(episode)
     if start_block is None:
         start_block = _start_block(learner, episode.support_x)
+    strategy = _resolve_strategy(strategy, start_block)
     modules = _own_modules(learner)
     if strategy == "vmap":
         losses, metrics = _all_tasks_vmapped(modules, learner, adapt, episode, start_block)
@@ -302,7 +310,7 @@ def evaluate(
     episodes: Iterable[Episode],
     adapt: AdaptSpec,
     *,
-    strategy: Strategy = "loop",
+    strategy: Strategy = "auto",
 ) -> np.ndarray:
     """Query accuracy of every task of ``episodes`` after adaptation with ``adapt`` (its
     ``inner_steps`` may differ from training), as a float64 array in episode order.
@@ -311,7 +319,6 @@ def evaluate(
     is evaluated in eval mode and returned to the mode it was in. A learner with Meta-SGD rates
     uses them in place of ``adapt.inner_lr``. ``strategy`` as in :func:`meta_backward`.
     """
-    _check_strategy(strategy)
     first_order = replace(adapt, first_order=True)  # same values, no graph of the inner gradient
     modules = _own_modules(learner)
     was_training = learner.training
@@ -319,9 +326,9 @@ def evaluate(
     accuracies: list[Tensor] = []
     try:
         with torch.no_grad():
-            for episode in episodes:
+            for episode in map(as_episode, episodes):
                 start_block = _start_block(learner, episode.support_x)
-                if strategy == "vmap":
+                if _resolve_strategy(strategy, start_block) == "vmap":
                     _, metrics = _all_tasks_vmapped(
                         modules, learner, first_order, episode, start_block
                     )

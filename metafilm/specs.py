@@ -55,8 +55,9 @@ class OuterSpec:
     """Adam weight decay of the encoder's predictor (and of nothing else)."""
     grad_clip: float | None = 10.0
     """Largest norm of the meta-gradient (all trainable parameters together); None: no clipping."""
-    strategy: Literal["loop", "vmap"] = "loop"
+    strategy: Literal["auto", "loop", "vmap"] = "auto"
     """How a meta-batch is computed: ``loop``, task after task, each back-propagated at once (the
     memory of one task; the faster for a full backbone on CPU), or ``vmap``, all tasks together
     (several times faster when the per-task work is small, e.g. a frozen backbone with a cached
-    prefix; needs batch norm that updates no running statistics)."""
+    prefix; needs batch norm that updates no running statistics); ``auto`` picks ``vmap`` for
+    cached prefix features and ``loop`` otherwise, as measured on CPU."""

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from episodes.classes import ClassImages
 from episodes.omniglot import BACKGROUND_ZIP, EVALUATION_ZIP, load_omniglot
@@ -51,3 +52,13 @@ def omniglot_split(data_root: Path, omniglot_cache_dir: Path) -> Callable[[str],
         return loaded[split]
 
     return load
+
+
+@pytest.fixture
+def one_thread():
+    """Small networks run on one thread: on shared cores OpenMP's waiting threads cost 10-100x,
+    and one thread keeps floating-point summation order fixed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

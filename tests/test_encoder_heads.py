@@ -14,14 +14,7 @@ from metafilm.learner import FiLMLearner
 from metafilm.meta import task_loss
 from metafilm.specs import AdaptSpec, ModelSpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one thread, since OpenMP threads waiting on busy shared cores cost 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _features(seed=0, n=12, dim=7):

@@ -14,12 +14,7 @@ from metafilm.specs import AdaptSpec, ModelSpec
 IMAGE, WAYS, SHOTS, QUERY, TASKS = 16, 4, 2, 3, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def native(shots: int = SHOTS, query: int = QUERY, tasks: int = TASKS) -> Episode:

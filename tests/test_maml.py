@@ -27,13 +27,7 @@ IMAGE, WIDTH, WAYS = 16, 8, 5
 BN_SITES = ["1", "5", "9", "13"]  # the batch norms of a Sequential Conv-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks: one thread, since OpenMP threads waiting on busy shared cores cost 10x+."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv4(width: int = WIDTH, *, conv_bias: bool = False) -> nn.Sequential:

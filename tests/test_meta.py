@@ -34,13 +34,7 @@ IMAGE = 16
 WAYS, SHOTS, QUERY, TASKS = 3, 2, 2, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one thread, since OpenMP threads waiting on busy shared cores cost 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _learner(

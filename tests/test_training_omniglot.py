@@ -18,17 +18,9 @@ from metafilm.meta import evaluate, input_builder, make_optimizer, meta_step
 from metafilm.pretrain import pretrain_backbone
 from metafilm.specs import AdaptSpec, ModelSpec, OuterSpec
 
-pytestmark = [pytest.mark.slow, pytest.mark.data]
+pytestmark = [pytest.mark.slow, pytest.mark.data, pytest.mark.usefixtures("one_thread")]
 
 WAYS, SHOTS, TRAIN_QUERY, TEST_QUERY, TEST_EPISODES = 5, 1, 5, 15, 100
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _test_accuracy(learner, test, adapt) -> float:

@@ -1,4 +1,4 @@
-"""The `metafilm` command: train, pretrain, evaluate, report.
+"""The `metafilm` command: train, pretrain, evaluate, report, data.
 
 Exit status 0 on success, 1 with a one-line `metafilm: error: ...` for anything a user's config,
 files or data can cause (no traceback), 2 for a malformed command line, 130 when interrupted.
@@ -16,11 +16,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from episodes import CacheError, ChecksumError, DownloadError, load_omniglot
 from metafilm.config import load_config
 from metafilm.distributed import process_group
 from metafilm.report import ReportError, accuracy_summary, write_report
 from metafilm.train import (
     USER_ERRORS,
+    DataError,
     evaluate_checkpoint,
     pretrain_run,
     resolve_checkpoint,
@@ -193,7 +195,44 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add the published results for the same benchmark and setting, with their protocols",
     )
+    data_parser = commands.add_parser(
+        "data",
+        help="verify Omniglot and build its cache (optionally downloading it first)",
+        description="Verify the Omniglot zips under the data root by checksum and decode them "
+        "into the cache once, so that training starts at once. With --download, missing zips are "
+        "first fetched from the original release (md5-checked, resumable).",
+    )
+    data_parser.add_argument(
+        "--root", type=Path, metavar="DIR", help="data root (default: METAFILM_DATA_ROOT)"
+    )
+    data_parser.add_argument(
+        "--cache-dir", type=Path, metavar="DIR", help="cache folder (default: METAFILM_CACHE_DIR)"
+    )
+    data_parser.add_argument(
+        "--image-size", type=int, default=28, metavar="PX", help="cached image size (default 28)"
+    )
+    data_parser.add_argument(
+        "--download", action="store_true", help="fetch missing zips from the original release"
+    )
     return parser
+
+
+def _run_data(args: argparse.Namespace) -> None:
+    try:
+        for split in ("background", "evaluation"):
+            classes = load_omniglot(
+                args.root,
+                split,
+                image_size=args.image_size,
+                cache_dir=args.cache_dir,
+                download=args.download,
+            )
+            print(
+                f"omniglot {split}: {classes.num_classes} characters, {len(classes.images)} "
+                f"images at {args.image_size}x{args.image_size}, verified and cached"
+            )
+    except (FileNotFoundError, ValueError, ChecksumError, CacheError, DownloadError) as error:
+        raise DataError(str(error)) from None
 
 
 def _run_train(args: argparse.Namespace) -> None:
@@ -263,6 +302,7 @@ COMMANDS = {
     "pretrain": _run_pretrain,
     "evaluate": _run_evaluate,
     "report": _run_report,
+    "data": _run_data,
 }
 
 

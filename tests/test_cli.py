@@ -44,6 +44,7 @@ checkpoint_every = 4
 """
 
 OPTIONS = {
+    "data": ["--root", "--cache-dir", "--image-size", "--download"],
     "train": ["config", "--set", "--out", "--resume", "--force"],
     "pretrain": ["config", "--set", "--out", "--force"],
     "evaluate": [
@@ -369,3 +370,20 @@ def test_frozen_backbone_is_pretrained_once_and_never_changes(
     assert_same_tensors(trained, load_checkpoint(reused / "last.pt")["model"])
     result = metafilm("evaluate", reused, **dirs)
     assert result.returncode == 0 and "5-way 1-shot on 'test'" in result.stdout
+
+
+@pytest.mark.data
+def test_data_command_verifies_and_caches_omniglot(
+    data_root: Path, omniglot_cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["data", "--root", str(data_root), "--cache-dir", str(omniglot_cache_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "omniglot background: 964 characters, 19280 images" in out
+    assert "omniglot evaluation: 659 characters, 13180 images" in out
+
+
+def test_data_command_names_the_missing_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    message = in_process_error(capsys, "data", "--root", tmp_path, "--cache-dir", tmp_path)
+    assert str(tmp_path / "omniglot" / "images_background.zip") in message

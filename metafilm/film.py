@@ -81,18 +81,13 @@ def l2_to_identity(deviations: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def deviation_norms(
-    deviations: Mapping[str, tuple[Tensor, Tensor]],
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per-site root-mean-square size of ``dgamma`` and ``dbeta`` (detached), for diagnostics.
+def deviation_size(dgamma: Tensor, dbeta: Tensor) -> Tensor:
+    """Root-mean-square of a site's deviations, gamma and beta entries together (detached), for
+    diagnostics: RMS rather than L2 so that sites with different channel counts compare.
 
-    RMS rather than L2 so that sites with different channel counts are comparable; the mean runs
-    over every entry, so a stack of tasks ``[T, C]`` gives the RMS over tasks and channels.
+    The mean runs over the last dimension, so a stack of tasks ``[T, C]`` gives one size per task.
     """
-    return {
-        site: (dgamma.detach().pow(2).mean().sqrt(), dbeta.detach().pow(2).mean().sqrt())
-        for site, (dgamma, dbeta) in deviations.items()
-    }
+    return torch.cat([dgamma, dbeta], -1).detach().pow(2).mean(-1).sqrt()
 
 
 def resolve_sites(

@@ -37,7 +37,7 @@ from torch.func import functional_call
 from episodes.classes import ClassImages
 from episodes.sampler import Episode, IndexEpisode, Task, gather
 from metafilm.encoder import task_representation
-from metafilm.film import Deviations, identity, l2_to_identity
+from metafilm.film import Deviations, deviation_size, identity, l2_to_identity
 from metafilm.inner import Differentiate
 from metafilm.inner import adapt as adapt_deviations
 from metafilm.interop import as_episode
@@ -83,11 +83,6 @@ def _functional_modules(
         at(learner.head, groups["head"]),
         groups[""].get("inner_lrs"),
     )
-
-
-def _site_size(dgamma: Tensor, dbeta: Tensor) -> Tensor:
-    """Root-mean-square of a site's deviations (gamma and beta entries together), detached."""
-    return torch.cat([dgamma, dbeta], -1).detach().pow(2).mean(-1).sqrt()
 
 
 def _task(
@@ -141,7 +136,7 @@ def _task(
     }
     for name, deviations in (("film_predicted", predicted), ("film_adapted", adapted)):
         for site, (dgamma, dbeta) in deviations.items():
-            metrics[f"{name}/{site}"] = _site_size(dgamma, dbeta)
+            metrics[f"{name}/{site}"] = deviation_size(dgamma, dbeta)
     return F.cross_entropy(query_logits, query_y), metrics
 
 

@@ -1,7 +1,8 @@
 """Time sampling + gathering one meta-batch against one Conv-4 forward+backward over it.
 
 Run on cached Omniglot trainval, for example:
-    python scripts/bench_sampler.py --data-root "$METAFILM_DATA_ROOT" --cache-dir "$METAFILM_CACHE_DIR"
+    python scripts/bench_sampler.py --data-root "$METAFILM_DATA_ROOT" \
+        --cache-dir "$METAFILM_CACHE_DIR"
 """
 
 from __future__ import annotations

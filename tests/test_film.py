@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from metafilm.film import deviation_norms, identity, l2_to_identity, modulate, resolve_sites
+from metafilm.film import deviation_size, identity, l2_to_identity, modulate, resolve_sites
 
 RESNET_SITES = tuple(f"block{b}.bn{i}" for b in range(1, 5) for i in (1, 2, 3))
 
@@ -73,14 +73,14 @@ def test_l2_to_identity_gradient_is_twice_the_deviation():
     torch.testing.assert_close(grad_beta, 2 * dbeta.detach())
 
 
-def test_deviation_norms_are_detached_rms_per_site():
+def test_deviation_size_is_the_detached_rms_of_gamma_and_beta_together():
     dgamma = torch.tensor([3.0, -4.0], requires_grad=True)
-    dbeta = torch.tensor([1.0, 1.0, 1.0, 1.0])
-    norms = deviation_norms({"s": (dgamma, dbeta)})
-    gamma_norm, beta_norm = norms["s"]
-    assert gamma_norm.item() == pytest.approx(math.sqrt((9 + 16) / 2))
-    assert beta_norm.item() == pytest.approx(1.0)
-    assert not gamma_norm.requires_grad
+    dbeta = torch.tensor([1.0, 1.0])
+    size = deviation_size(dgamma, dbeta)
+    assert size.item() == pytest.approx(math.sqrt((9 + 16 + 1 + 1) / 4))
+    assert not size.requires_grad
+    per_task = deviation_size(torch.stack([dgamma, 2 * dgamma]), torch.stack([dbeta, 2 * dbeta]))
+    assert per_task.tolist() == pytest.approx([size.item(), 2 * size.item()])
 
 
 def test_resolve_sites_all_exact_and_empty():

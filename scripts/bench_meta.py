@@ -76,13 +76,13 @@ ARMS: dict[str, Arm] = {
         channels_last=True,
     ),
     "frozen-block4-cached": Arm(
-        "(4) core, frozen backbone, FiLM on block4, cached prefix",
+        "(4) core, frozen backbone, FiLM on block4, cached prefix (strategy auto: vmap)",
         {"film_sites": ("block4",), **FROZEN_RUNNING},
     ),
-    "frozen-block4-cached-vmap": Arm(
-        "(4) core, frozen backbone, FiLM on block4, cached prefix, strategy vmap",
+    "frozen-block4-cached-loop": Arm(
+        "(4) the same, strategy loop",
         {"film_sites": ("block4",), **FROZEN_RUNNING},
-        {"strategy": "vmap"},
+        {"strategy": "loop"},
     ),
     "frozen-block1": Arm(
         "(4) core, frozen backbone, FiLM on block1 (nothing to cache)",
@@ -299,10 +299,24 @@ def table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def code_version() -> str:
+    """The git commit of this checkout, marked when the library's sources differ from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", *command], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "metafilm", "episodes")
+    return f"{commit} (metafilm/ or episodes/ modified)" if dirty else commit
+
+
 def environment(args: argparse.Namespace, allocator: dict[str, int]) -> dict[str, object]:
     """What the figures depend on besides the code: machine, torch, threads, allocator, load."""
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "code": code_version(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": args.threads,

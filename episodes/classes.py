@@ -7,6 +7,11 @@ from dataclasses import dataclass
 import torch
 
 
+def to_pixels(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images as floats in [0, 1]: the one conversion every reader of the images uses."""
+    return images.to(dtype).div_(255)
+
+
 @dataclass(frozen=True)
 class ClassImages:
     """Images of a split grouped by class, stored contiguously class after class.

@@ -24,7 +24,7 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from episodes.classes import ClassImages
+from episodes.classes import ClassImages, to_pixels
 
 _TRAIN_DOMAIN = 0x6D665452  # "mfTR": first word of every training task key
 _EVAL_DOMAIN = 0x6D664556  # "mfEV": first word of every evaluation episode key
@@ -147,7 +147,7 @@ def gather(classes: ClassImages, index_episode: IndexEpisode) -> Episode:
         for quarter_turns in (1, 2, 3):
             rows = (per_image == quarter_turns).nonzero().squeeze(1)
             images[rows] = torch.rot90(images[rows], quarter_turns, dims=(2, 3))
-    pixels = images.to(torch.float32).div_(255)
+    pixels = to_pixels(images)
     n_support = ep.support_idx.numel()
     image_shape = pixels.shape[1:]
     return Episode(

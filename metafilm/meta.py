@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from episodes.classes import ClassImages
+from episodes.classes import ClassImages, to_pixels
 from episodes.sampler import Episode, IndexEpisode, Task, gather
 from metafilm.encoder import task_representation
 from metafilm.film import Deviations, deviation_size, identity, l2_to_identity
@@ -374,7 +374,7 @@ def input_builder(
     dtype = next(backbone.parameters()).dtype
 
     def pixels(rows: slice) -> Tensor:  # as gather makes them, then in the backbone's dtype
-        return images[rows].to(torch.float32).div_(255).to(dtype)
+        return to_pixels(images[rows]).to(dtype)
 
     with torch.no_grad():
         per_image = backbone.prefix(pixels(slice(0, 1)), end_block)[0]

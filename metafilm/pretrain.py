@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from episodes.classes import ClassImages
+from episodes.classes import ClassImages, to_pixels
 
 
 def pretrain_backbone(
@@ -54,7 +54,7 @@ def pretrain_backbone(
         backbone.train()
         for step in range(steps):
             rows = torch.randint(len(classes.images), (batch_size,), generator=generator)
-            images = classes.images[rows].to(device=weight.device, dtype=weight.dtype).div_(255)
+            images = to_pixels(classes.images[rows].to(weight.device), weight.dtype)
             targets = labels[rows].to(weight.device)
             logits = classifier(backbone(images))
             loss = F.cross_entropy(logits, targets)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -222,5 +222,11 @@ def process_group() -> Iterator[Distributed]:
     )
     try:
         yield Distributed(launch.rank, launch.world_size, dist.group.WORLD)
+        # Leave together: rank 0 hosts the rendezvous store, and a process still tearing down its
+        # gloo connections when rank 0 exits aborts ("terminate called without an active
+        # exception"). After a failure, or when a peer has already left, there is nobody to wait
+        # for.
+        with suppress(RuntimeError):
+            dist.barrier()
     finally:
         dist.destroy_process_group()

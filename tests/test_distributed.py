@@ -46,9 +46,12 @@ TINY = [
     "data.query=2",
     "outer.meta_batch_size=4",
 ]
-WEIGHT_TOLERANCE = 1e-5
-"""|2-process - 1-process| weights after STEPS Adam steps: only the order of the float32 sums of
-the meta-gradient differs (about 1e-6 here); Adam's step size (2e-3) bounds any larger drift."""
+WEIGHT_TOLERANCE = 1e-4
+"""|2-process - 1-process| weights after STEPS Adam steps. Only the order of the float32 sums of
+the meta-gradient differs, but Adam divides by the gradient's running magnitude, which turns a
+rounding difference in a near-zero gradient element into a visible step: 1.4e-5 was seen on one
+first-layer weight (most weights agree to 1e-7). A process that missed the all-reduce would drift
+by up to Adam's step size (2e-3) per step, far beyond this."""
 LAUNCH = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
 
 

@@ -169,6 +169,8 @@ _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adapt.inner_lr": _NON_NEGATIVE,
     "adapt.film_l2": _NON_NEGATIVE,
     "outer.lr": _POSITIVE,
+    "outer.lr_decay": ((lambda v: 0 < v <= 1), "must be in (0, 1]"),
+    "outer.lr_decay_every": _NON_NEGATIVE,
     "outer.meta_batch_size": _at_least(1),
     "outer.film_l2": _NON_NEGATIVE,
     "outer.postmult_l2": _NON_NEGATIVE,

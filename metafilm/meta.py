@@ -265,6 +265,21 @@ def make_optimizer(learner: FiLMLearner, outer: OuterSpec) -> torch.optim.Adam:
     return torch.optim.Adam(groups, lr=outer.lr)
 
 
+def learning_rate(outer: OuterSpec, step: int) -> float:
+    """The outer learning rate for the update after ``step`` updates: ``lr`` decayed by
+    ``lr_decay`` every ``lr_decay_every`` steps. A function of the step alone, so a resumed run
+    follows the same schedule."""
+    if outer.lr_decay_every == 0:
+        return outer.lr
+    return outer.lr * outer.lr_decay ** (step // outer.lr_decay_every)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Give every parameter group of ``optimizer`` the learning rate ``lr``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def meta_step(
     learner: FiLMLearner,
     optimizer: torch.optim.Optimizer,

@@ -46,6 +46,11 @@ class OuterSpec:
     """The outer loop: optimiser and the regularisers, each with its own weight."""
 
     lr: float = 1e-3
+    lr_decay: float = 1.0
+    """Factor applied to ``lr`` every ``lr_decay_every`` steps (ProtoNets halved it every 2000
+    episodes, CAVIA took 0.9 every 5000)."""
+    lr_decay_every: int = 0
+    """Steps between two decays; 0: a constant learning rate."""
     meta_batch_size: int = 32
     film_l2: float = 1e-3
     """Weight of the squared size of the adapted deviations in the outer loss."""

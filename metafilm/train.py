@@ -77,7 +77,14 @@ from metafilm.config import (
 )
 from metafilm.distributed import SINGLE_PROCESS, Distributed, DistributedError
 from metafilm.learner import FiLMLearner
-from metafilm.meta import evaluate, input_builder, make_optimizer, meta_step
+from metafilm.meta import (
+    evaluate,
+    input_builder,
+    learning_rate,
+    make_optimizer,
+    meta_step,
+    set_learning_rate,
+)
 from metafilm.pretrain import pretrain_backbone
 from metafilm.report import CONFIG_FILE, EVAL_DIR, METRICS_FILE, accuracy_summary, read_metrics
 from metafilm.specs import AdaptSpec
@@ -502,6 +509,7 @@ def train(
     try:
         while step < settings.steps:
             started = time.perf_counter()
+            set_learning_rate(optimizer, learning_rate(config.outer, step))
             tasks = sources.sampler.sample(
                 step, config.outer.meta_batch_size, task_slice=task_slice
             )
@@ -522,7 +530,7 @@ def train(
             last_step = step == settings.steps
             row: dict[str, Any] = {}
             if step % settings.log_every == 0 or last_step:
-                row.update(window.flush())
+                row.update(window.flush(), lr=optimizer.param_groups[0]["lr"])
             improved = False
             if sources.validation is not None and (step % settings.val_every == 0 or last_step):
                 accuracies = validate(

@@ -22,6 +22,7 @@ from metafilm.learner import FiLMLearner
 from metafilm.meta import (
     evaluate,
     input_builder,
+    learning_rate,
     make_optimizer,
     meta_backward,
     meta_step,
@@ -293,6 +294,13 @@ def test_optimizer_decays_the_encoder_predictor_only_and_skips_a_frozen_backbone
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not optimized & {id(p) for p in learner.backbone.parameters()}
     assert id(learner.encoder.postmult) in optimized and id(learner.head.scale) in optimized
+
+
+def test_the_learning_rate_decays_in_steps_and_is_constant_by_default():
+    assert [learning_rate(OuterSpec(lr=0.01), step) for step in (0, 10**6)] == [0.01, 0.01]
+    halving = OuterSpec(lr=0.01, lr_decay=0.5, lr_decay_every=3)
+    expected = [0.01] * 3 + [0.005] * 3 + [0.0025]
+    assert [learning_rate(halving, step) for step in range(7)] == pytest.approx(expected)
 
 
 def test_frozen_backbone_never_changes_during_meta_training():

@@ -39,6 +39,8 @@ width = 8
 
 [outer]
 meta_batch_size = 2
+lr_decay = 0.5          # the schedule is a function of the step: a resumed run follows it too
+lr_decay_every = 7
 
 [train]
 steps = 40
@@ -232,6 +234,10 @@ def test_kill_9_then_resume_gives_bit_identical_weights(
         40,
     ]
     assert rows == rows_without_time(whole)
+    # The update after step s - 1 used lr 1e-3 * 0.5 ** ((s - 1) // 7).
+    assert [row["lr"] for row in rows if "lr" in row] == pytest.approx(
+        [1e-3 * 0.5 ** ((row["step"] - 1) // 7) for row in rows if "lr" in row]
+    )
 
     again = metafilm("train", tiny_config, "--out", killed, "--resume", **dirs)
     assert again.returncode == 0 and rows_without_time(killed) == rows, "a finished run stays"

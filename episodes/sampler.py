@@ -127,8 +127,10 @@ class Episode:
         )
 
 
-def gather(classes: ClassImages, index_episode: IndexEpisode) -> Episode:
-    """Turn index episodes into float32 images in [0, 1], applying the per-label rotations.
+def gather(
+    classes: ClassImages, index_episode: IndexEpisode, dtype: torch.dtype = torch.float32
+) -> Episode:
+    """Turn index episodes into `dtype` images in [0, 1], applying the per-label rotations.
 
     Support and query rows of all tasks are fetched with one `index_select` into one buffer and
     converted with one division, so both halves are contiguous views of that buffer.
@@ -147,7 +149,7 @@ def gather(classes: ClassImages, index_episode: IndexEpisode) -> Episode:
         for quarter_turns in (1, 2, 3):
             rows = (per_image == quarter_turns).nonzero().squeeze(1)
             images[rows] = torch.rot90(images[rows], quarter_turns, dims=(2, 3))
-    pixels = to_pixels(images)
+    pixels = to_pixels(images, dtype)
     n_support = ep.support_idx.numel()
     image_shape = pixels.shape[1:]
     return Episode(

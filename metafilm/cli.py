@@ -1,4 +1,4 @@
-"""The `metafilm` command: train, pretrain, evaluate, report, data.
+"""The `metafilm` command: train, pretrain, evaluate, report, sweep, data.
 
 Exit status 0 on success, 1 with a one-line `metafilm: error: ...` for anything a user's config,
 files or data can cause (no traceback), 2 for a malformed command line, 130 when interrupted.
@@ -20,6 +20,7 @@ from episodes import CacheError, ChecksumError, DownloadError, load_omniglot
 from metafilm.config import load_config
 from metafilm.distributed import process_group
 from metafilm.report import ReportError, accuracy_summary, write_report
+from metafilm.sweep import Arm, run_sweep
 from metafilm.train import (
     USER_ERRORS,
     DataError,
@@ -195,6 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add the published results for the same benchmark and setting, with their protocols",
     )
+    sweep_parser = commands.add_parser(
+        "sweep",
+        help="train, evaluate and compare one run per point of a grid of settings",
+        description="Train one run per combination of the --grid values (one after another, "
+        "each into OUT/<key=value,...>), evaluate each on the validation split and the test "
+        "split with the config's [eval] protocol, and write a comparison (OUT/sweep.md, "
+        "sweep.json, sweep_accuracy.png) plus the full report of all arms (OUT/report). Running "
+        "the same command again resumes: finished arms and evaluations are kept, an interrupted "
+        "arm continues from its last checkpoint.",
+    )
+    _add_config_arguments(sweep_parser)
+    sweep_parser.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="SECTION.KEY=V1,V2,...",
+        help="a setting and the values to try (repeatable: every combination is an arm), "
+        "e.g. --grid outer.film_l2=0,1e-4,1e-2 --grid model.encoder=linear,mlp,none",
+    )
+    sweep_parser.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="directory of the sweep"
+    )
     data_parser = commands.add_parser(
         "data",
         help="verify Omniglot and build its cache (optionally downloading it first)",
@@ -297,11 +320,34 @@ def _run_report(args: argparse.Namespace) -> None:
     print(f"report written to {written[0]} ({', '.join(path.name for path in written[1:])})")
 
 
+def _run_sweep(args: argparse.Namespace) -> None:
+    def announce(arm: Arm) -> BarProgress:
+        print(f"arm {arm.name}", file=sys.stderr)
+        return BarProgress()
+
+    def show(arm: Arm, row: dict[str, Any]) -> None:
+        results = ", ".join(
+            f"{label} {100 * summary['mean']:.2f}%" for label, summary in row["results"].items()
+        )
+        print(f"{arm.name}: {results}")
+
+    written = run_sweep(
+        args.config,
+        args.grid,
+        args.out,
+        overrides=args.overrides,
+        progress=announce,
+        on_arm=show,
+    )
+    print(f"sweep written to {written[0]} (report of every arm in {args.out / 'report'})")
+
+
 COMMANDS = {
     "train": _run_train,
     "pretrain": _run_pretrain,
     "evaluate": _run_evaluate,
     "report": _run_report,
+    "sweep": _run_sweep,
     "data": _run_data,
 }
 

@@ -374,22 +374,23 @@ def input_builder(
 ) -> Callable[[IndexEpisode], Episode]:
     """What turns index episodes into the inputs :func:`meta_step` and :func:`evaluate` read.
 
-    Normally ``episodes.sampler.gather`` (images). For a frozen backbone with running batch norm
-    the blocks before the first used FiLM site are a fixed function of each image, so their output
-    is computed once here for every image (eval mode, ``batch_size`` at a time) and episodes
-    gather those features instead; the network then runs from the first used block. With batch
-    norm in episode mode the prefix depends on the episode's batch, so nothing is cached. When the
-    cache would exceed ``max_cache_bytes`` this warns and gathers images.
+    Normally ``episodes.sampler.gather`` (images, in the learner's dtype). For a frozen backbone
+    with running batch norm the blocks before the first used FiLM site are a fixed function of
+    each image, so their output is computed once here for every image (eval mode, ``batch_size``
+    at a time) and episodes gather those features instead; the network then runs from the first
+    used block. With batch norm in episode mode the prefix depends on the episode's batch, so
+    nothing is cached. When the cache would exceed ``max_cache_bytes`` this warns and gathers
+    images.
     """
-    if not learner.caches_prefix:
-        return partial(gather, classes)
-    end_block = learner.first_used_block
     backbone = learner.backbone
-    images = classes.images
     dtype = next(backbone.parameters()).dtype
+    if not learner.caches_prefix:
+        return partial(gather, classes, dtype=dtype)
+    end_block = learner.first_used_block
+    images = classes.images
 
-    def pixels(rows: slice) -> Tensor:  # as gather makes them, then in the backbone's dtype
-        return to_pixels(images[rows]).to(dtype)
+    def pixels(rows: slice) -> Tensor:  # as gather makes them
+        return to_pixels(images[rows], dtype)
 
     with torch.no_grad():
         per_image = backbone.prefix(pixels(slice(0, 1)), end_block)[0]
@@ -400,7 +401,7 @@ def input_builder(
                 f"GiB (limit {max_cache_bytes / 2**30:.1f} GiB); gathering images instead",
                 stacklevel=2,
             )
-            return partial(gather, classes)
+            return partial(gather, classes, dtype=dtype)
         features = torch.cat(
             [
                 backbone.prefix(pixels(slice(i, i + batch_size)), end_block)

@@ -654,12 +654,15 @@ def evaluate_checkpoint(
     *,
     data_root: str | None = None,
     on_result: Callable[[Path, dict[str, Any]], None] | None = None,
+    skip_existing: bool = False,
 ) -> list[Path]:
     """Evaluate a training checkpoint on fixed seeded episodes for every (ways, shots); write one
     JSON per setting into `<run dir>/eval/` (the run dir is the checkpoint's folder).
 
     The protocol is the run's [eval] section with `eval_overrides` (keys of [eval]; None values
     ignored) applied and validated like a config file; `data_root` replaces the saved data.root.
+    With `skip_existing`, a setting whose file is already written is not evaluated again (its
+    name holds every protocol setting, so the file holds the same numbers).
     """
     payload = load_checkpoint(checkpoint)
     require_keys(payload, ("kind", "config", "model", "step"), checkpoint)
@@ -680,6 +683,9 @@ def evaluate_checkpoint(
         )
     learner = build_learner(config)
     learner.load_state_dict(payload["model"])
+    # float64: in float32, a change in the order of the sums (another thread count, another CPU)
+    # flips near-tied predictions and so changes per-episode accuracies; in float64 it does not.
+    learner.double()
     classes = load_split(config.data, settings.split)
     build = input_builder(learner, classes)
     adapt = dataclasses.replace(config.adapt, inner_steps=settings.inner_steps)
@@ -702,6 +708,10 @@ def evaluate_checkpoint(
     }
     written = []
     for (ways, shots), source in sources.items():
+        path = checkpoint.parent / EVAL_DIR / evaluation_name(checkpoint, ways, shots, settings)
+        if skip_existing and path.is_file():
+            written.append(path)
+            continue
         accuracies = evaluate(learner, fixed_batches(source, build), adapt)
         record = {
             "dataset": config.data.dataset,
@@ -726,12 +736,12 @@ def evaluate_checkpoint(
             "film_sites": list(learner.used_sites),
             "encoder": config.model.encoder,
             "head": config.model.head,
+            "precision": "float64",
             "checkpoint": checkpoint.name,
             "checkpoint_step": payload["step"],
             "checkpoint_sha256": sha256,
             "accuracies": accuracies.tolist(),
         }
-        path = checkpoint.parent / EVAL_DIR / evaluation_name(checkpoint, ways, shots, settings)
         with atomic_writer(path) as file:
             file.write((json.dumps(record, indent=1) + "\n").encode("utf-8"))
         written.append(path)

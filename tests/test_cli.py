@@ -60,6 +60,7 @@ OPTIONS = {
         "--data-root",
     ],
     "report": ["RUN_DIR", "--out", "--compare-published"],
+    "sweep": ["config", "--set", "--grid", "--out"],
 }
 
 
@@ -70,11 +71,14 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 
 def metafilm(
-    *args: str | Path, data_root: Path | None = None, cache_dir: Path | None = None
+    *args: str | Path,
+    data_root: Path | None = None,
+    cache_dir: Path | None = None,
+    threads: int = 1,
 ) -> subprocess.CompletedProcess:
-    """Run `python -m metafilm ARGS` on one thread with the given data root (or none at all)."""
+    """Run `python -m metafilm ARGS` on `threads` threads with the given data root (or none)."""
     env = {k: v for k, v in os.environ.items() if k != "METAFILM_DATA_ROOT"}
-    env["OMP_NUM_THREADS"] = "1"
+    env["OMP_NUM_THREADS"] = str(threads)
     if data_root is not None:
         env["METAFILM_DATA_ROOT"] = str(data_root)
     if cache_dir is not None:
@@ -289,11 +293,12 @@ def test_train_evaluate_report_end_to_end(
         "7",
         "--inner-steps",
         "3",
+        threads=2,
         **dirs,
     )
     assert again.returncode == 0, again.stderr
     repeat = json.loads(next((run / "eval").glob("best_test_5w1s_*")).read_text())
-    assert repeat["accuracies"] == records[(5, 1)]["accuracies"], "fixed episodes are fixed"
+    assert repeat["accuracies"] == records[(5, 1)]["accuracies"], "same on 2 threads as on 1"
 
     out = tmp_path / "report"
     reported = metafilm("report", run, "--out", out, "--compare-published")

@@ -1,0 +1,153 @@
+"""`metafilm sweep`: the grid, one run per arm on real Omniglot, the comparison recomputed from the
+saved evaluations, and resuming a finished or interrupted sweep without redoing work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from metafilm.checkpoint import load_checkpoint
+from metafilm.config import ConfigError
+from metafilm.report import accuracy_summary
+from metafilm.sweep import Arm, grid_arms, parse_grid
+
+TINY = """
+[data]
+ways = 5
+shots = 1
+query = 2
+
+[model]
+width = 8
+
+[outer]
+meta_batch_size = 2
+
+[train]
+steps = 6
+log_every = 2
+val_every = 3
+val_episodes = 4
+checkpoint_every = 2
+
+[eval]
+query = 3
+episodes = 6
+"""
+
+
+def test_the_grid_is_every_combination_in_order() -> None:
+    axes = parse_grid(["adapt.inner_steps=0,1", "model.encoder=linear, none"])
+    assert axes == [("adapt.inner_steps", ["0", "1"]), ("model.encoder", ["linear", "none"])]
+    assert [arm.name for arm in grid_arms(axes)] == [
+        "adapt.inner_steps=0,model.encoder=linear",
+        "adapt.inner_steps=0,model.encoder=none",
+        "adapt.inner_steps=1,model.encoder=linear",
+        "adapt.inner_steps=1,model.encoder=none",
+    ]
+    assert Arm(("pretrain.backbone=runs/a/backbone.pt",)).name == (
+        "pretrain.backbone=runs_a_backbone.pt"
+    )
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ([], "at least one --grid"),
+        (["adapt.inner_steps"], "expected section.key=value1,value2"),
+        (["adapt.inner_steps=1,"], "expected section.key=value1,value2"),
+        (["inner_steps=1,2"], "expected section.key=value"),
+        (["adapt.inner_steps=0", "adapt.inner_steps=1"], "given twice"),
+    ],
+)
+def test_a_bad_grid_is_refused_with_its_reason(grid: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_grid(grid)
+
+
+def sweep(config: Path, out: Path, data_root: Path, cache_dir: Path, *grid: str):
+    env = {
+        **os.environ,
+        "METAFILM_DATA_ROOT": str(data_root),
+        "METAFILM_CACHE_DIR": str(cache_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "metafilm", "sweep", str(config), "--out", str(out)]
+    for setting in grid:
+        command += ["--grid", setting]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_sweep_trains_evaluates_compares_and_resumes(
+    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
+) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    out = tmp_path / "sweep"
+    grid = ("adapt.inner_steps=0,1",)
+    done = sweep(config, out, data_root, omniglot_cache_dir, *grid)
+    assert done.returncode == 0, done.stderr
+    names = ["adapt.inner_steps=0", "adapt.inner_steps=1"]
+    document = json.loads((out / "sweep.json").read_text())
+    assert [arm["arm"] for arm in document["arms"]] == names
+    for name, arm in zip(names, document["arms"], strict=True):
+        run = out / name
+        assert load_checkpoint(run / "last.pt")["step"] == 6
+        assert f"inner_steps = {name[-1]}" in (run / "config.toml").read_text()
+        evaluations = {}
+        for file in (run / "eval").glob("*.json"):
+            record = json.loads(file.read_text())
+            evaluations[f"{record['split']} 5-way 1-shot"] = record["accuracies"]
+        assert sorted(evaluations) == ["test 5-way 1-shot", "val 5-way 1-shot"]
+        for label, accuracies in evaluations.items():
+            assert len(accuracies) == 6
+            assert arm["results"][label] == pytest.approx(accuracy_summary(accuracies))
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        train_accuracy = [row["accuracy"] for row in rows if "accuracy" in row][-1]
+        val_accuracy = [row["val_accuracy"] for row in rows if "val_accuracy" in row][-1]
+        assert arm["train_val_gap"] == pytest.approx(train_accuracy - val_accuracy)
+        assert arm["film_adapted_rms"] is not None
+    table = (out / "sweep.md").read_text()
+    assert all(f"| {name} |" in table for name in names)
+    test_mean = 100 * document["arms"][1]["results"]["test 5-way 1-shot"]["mean"]
+    assert f"{test_mean:.2f}" in table
+    for figure in (out / "sweep_accuracy.png", out / "report" / "accuracy.png"):
+        with Image.open(figure) as image:
+            image.verify()
+
+    # Again, after an interruption while the second arm was being evaluated: only its missing
+    # evaluations are done, and the finished arm is not touched.
+    finished = out / names[0]
+    kept = {path: path.stat().st_mtime_ns for path in finished.rglob("*") if path.is_file()}
+    interrupted = out / names[1]
+    for file in (interrupted / "eval").glob("*.json"):
+        file.unlink()
+    again = sweep(config, out, data_root, omniglot_cache_dir, *grid)
+    assert again.returncode == 0, again.stderr
+    assert {path: path.stat().st_mtime_ns for path in kept} == kept
+    assert len(list((interrupted / "eval").glob("*.json"))) == 2
+    assert json.loads((out / "sweep.json").read_text()) == document, "the same numbers again"
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_a_changed_grid_config_is_refused_for_an_existing_arm(
+    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
+) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    out = tmp_path / "sweep"
+    assert sweep(config, out, data_root, omniglot_cache_dir, "adapt.inner_steps=0").returncode == 0
+    config.write_text(TINY.replace("width = 8", "width = 4"))
+    refused = sweep(config, out, data_root, omniglot_cache_dir, "adapt.inner_steps=0")
+    assert refused.returncode == 1
+    assert "Traceback" not in refused.stderr
+    assert "cannot resume" in refused.stderr and "model.width" in refused.stderr

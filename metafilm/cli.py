@@ -365,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (*USER_ERRORS, ReportError) as error:
         print(f"metafilm: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a path that cannot be read or written: the user's to fix
+        print(f"metafilm: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "metafilm: interrupted; the last checkpoint is kept (continue with --resume)",

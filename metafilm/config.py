@@ -3,7 +3,7 @@
 Everything is validated on load, before any work starts: an unknown section or key (with the
 closest valid name suggested), a value of the wrong type, or an impossible value stops with one
 `ConfigError` naming the key. What depends on the data (ways against a split's classes, shots +
-query against its images per class) is checked by `check_episode_shape` once the split is loaded,
+query against its images per class) is checked by `episodes_fitting` once the split is loaded,
 still before training.
 
 Settings that are derived are not written: `[model]` takes its `image_size` from

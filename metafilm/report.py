@@ -250,6 +250,11 @@ def read_run(path: str | os.PathLike[str]) -> RunFiles:
                 f"evaluation file {file} lacks {', '.join(missing)}: not written by "
                 f"metafilm evaluate (run it again)"
             )
+        if not isinstance(evaluation["accuracies"], list) or not evaluation["accuracies"]:
+            raise ReportError(
+                f"evaluation file {file} holds no per-episode accuracies: not written by "
+                f"metafilm evaluate (delete it and evaluate again)"
+            )
         evaluations.append(evaluation)
     evaluations.sort(key=lambda e: tuple(e[key] for key in EVAL_ORDER))
     return RunFiles(path.name, path, config, read_metrics(path / METRICS_FILE), evaluations)
@@ -428,11 +433,8 @@ def _plot_training_curves(runs: Sequence[RunFiles], path: Path) -> None:
                 )
         steps, values = _series(run.metrics, "loss")
         loss_axis.plot(steps, values, label=f"{run.name} train")
-        steps, values = _series(run.metrics, "val_loss")
-        if len(steps):
-            loss_axis.plot(steps, values, marker="o", label=f"{run.name} validation")
     accuracy_axis.set(xlabel="outer step", ylabel="query accuracy", title="Accuracy")
-    loss_axis.set(xlabel="outer step", ylabel="query loss", title="Loss")
+    loss_axis.set(xlabel="outer step", ylabel="query loss", title="Training loss")
     for axis in (accuracy_axis, loss_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")

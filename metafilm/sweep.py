@@ -133,15 +133,19 @@ def _fmt(value: float | None, scale: float = 100.0, digits: int = 2) -> str:
 
 
 def _markdown(
-    config_path: Path, axes: Sequence[tuple[str, Sequence[str]]], rows: list[dict]
+    config_path: Path,
+    overrides: Sequence[str],
+    axes: Sequence[tuple[str, Sequence[str]]],
+    rows: list[dict],
 ) -> str:
     labels = sorted({label for row in rows for label in row["results"]})
+    changed = "".join(f" `--set {text}`" for text in overrides)
     lines = [
         "# metafilm sweep",
         "",
-        f"Base config `{config_path}`; grid: "
+        f"Base config `{config_path}`{changed}; grid: "
         + "; ".join(f"`{key}` ∈ {{{', '.join(values)}}}" for key, values in axes)
-        + ". Every arm has the same training budget (the base config's `train.steps`).",
+        + ". Every arm has the same training budget (`train.steps`).",
         "",
         "Accuracy in percent, mean ± 95% CI (1.96 · s / sqrt(n) over the episodes). "
         "Train and validation accuracy are the last logged values during training, at the "
@@ -244,7 +248,7 @@ def run_sweep(
         if on_arm is not None:
             on_arm(arm, row)
     written = [out / "sweep.md", out / "sweep.json", out / SUMMARY_FIGURE]
-    written[0].write_text(_markdown(config_path, axes, rows), encoding="utf-8")
+    written[0].write_text(_markdown(config_path, overrides, axes, rows), encoding="utf-8")
     document = {"config": str(config_path), "overrides": list(overrides), "arms": rows}
     written[1].write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     _plot(rows, written[2])

@@ -166,6 +166,9 @@ def check_run_dir(run_dir: Path, config: RunConfig, *, resume: bool, force: bool
     """Refuse, before any work, a run directory that cannot be used as asked. Changes nothing."""
     if resume and force:
         raise RunError("--resume continues a run and --force starts it over: pass only one")
+    existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())
+    if existing != run_dir and not existing.is_dir():
+        raise RunError(f"cannot create {run_dir}: {existing} is a file; choose another --out")
     if resume:
         if not (run_dir / CONFIG_FILE).is_file():
             raise RunError(

@@ -19,7 +19,7 @@ from PIL import Image
 
 from metafilm.checkpoint import load_checkpoint
 from metafilm.cli import build_parser, main
-from metafilm.config import load_config
+from metafilm.config import config_from_dict, load_config, to_toml
 from metafilm.report import FIGURES
 
 TINY = """
@@ -176,6 +176,16 @@ def test_usage_errors_of_evaluate_and_report(
     assert "needs --out" in message
     message = in_process_error(capsys, "report", tmp_path / "a")
     assert "does not exist" in message
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.toml"
+    message = in_process_error(capsys, "train", quickstart, "--out", a_file / "run")
+    assert f"{a_file} is a file" in message and a_file.read_text() == "not a folder"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(to_toml(config_from_dict({})))
+    message = in_process_error(capsys, "report", run, "--out", a_file)
+    assert "File exists" in message and a_file.read_text() == "not a folder"
     with pytest.raises(SystemExit) as exited:
         main(["evaluate", str(tmp_path), "--ways", "five"])
     assert exited.value.code == 2 and "invalid int value" in capsys.readouterr().err

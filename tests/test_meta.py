@@ -296,6 +296,25 @@ def test_optimizer_decays_the_encoder_predictor_only_and_skips_a_frozen_backbone
     assert id(learner.encoder.postmult) in optimized and id(learner.head.scale) in optimized
 
 
+def test_the_postmultiplier_l2_adds_its_own_gradient_and_nothing_else():
+    classes = _class_images()
+    index_episode = EpisodeSampler(classes, WAYS, SHOTS, QUERY, seed=0).sample(0, TASKS)
+    episode = gather(classes, index_episode, dtype=torch.float64)
+    after = []
+    for weight in (0.0, 0.3):
+        learner = _learner()
+        with torch.no_grad():
+            learner.encoder.postmult.fill_(0.5)
+        sgd = torch.optim.SGD(learner.parameters(), lr=1.0)
+        outer = OuterSpec(postmult_l2=weight, film_l2=0.0, grad_clip=None)
+        meta_step(learner, sgd, episode, AdaptSpec(), outer)
+        after.append({name: p.detach().clone() for name, p in learner.named_parameters()})
+    for name, value in after[0].items():
+        # d/dp of 0.3 * sum(p^2) at p = 0.5 is 0.3; SGD with lr 1 subtracts it.
+        expected = value - 0.3 if name == "encoder.postmult" else value
+        torch.testing.assert_close(after[1][name], expected, rtol=0, atol=1e-12)
+
+
 def test_the_learning_rate_decays_in_steps_and_is_constant_by_default():
     assert [learning_rate(OuterSpec(lr=0.01), step) for step in (0, 10**6)] == [0.01, 0.01]
     halving = OuterSpec(lr=0.01, lr_decay=0.5, lr_decay_every=3)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from episodes.classes import to_pixels
 from episodes.integrity import KnownVersion, resolve_data_root, verify_file
 from episodes.omniglot import check_image_size, decode_glyph
 from episodes.sampler import Episode
@@ -62,8 +63,8 @@ class LakeRuns:
         """int64 `[runs, ways]`: 0..ways-1 in class order."""
         return torch.arange(self.ways).expand(self.runs, self.ways)
 
-    def episode(self) -> Episode:
-        """All runs as one `Episode` (tasks = runs, 1 shot, float32 in [0, 1]).
+    def episode(self, dtype: torch.dtype = torch.float32) -> Episode:
+        """All runs as one `Episode` (tasks = runs, 1 shot, `dtype` pixels in [0, 1]).
 
         Query items are reordered to the class-major layout of `Episode` (stably sorted by label;
         each class has one test item, so `query_y` is 0..ways-1 in every run).
@@ -71,9 +72,9 @@ class LakeRuns:
         order = torch.sort(self.query_labels, dim=1, stable=True).indices
         query_x = torch.take_along_dim(self.query_images, order[:, :, None, None, None], dim=1)
         return Episode(
-            support_x=self.support_images.float() / 255,
+            support_x=to_pixels(self.support_images, dtype),
             support_y=self.support_labels.clone(),
-            query_x=query_x.float() / 255,
+            query_x=to_pixels(query_x, dtype),
             query_y=torch.take_along_dim(self.query_labels, order, dim=1),
             ways=self.ways,
         )

@@ -17,7 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from episodes import CacheError, ChecksumError, DownloadError, load_omniglot
-from metafilm.config import load_config
+from metafilm.config import ConfigError, load_config
 from metafilm.distributed import process_group
 from metafilm.report import ReportError, accuracy_summary, write_report
 from metafilm.sweep import Arm, run_sweep
@@ -25,6 +25,7 @@ from metafilm.train import (
     USER_ERRORS,
     DataError,
     evaluate_checkpoint,
+    evaluate_lake,
     pretrain_run,
     resolve_checkpoint,
     train,
@@ -173,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="inner-loop steps at test time (default: the run's eval.inner_steps)",
     )
     eval_parser.add_argument(
+        "--lake",
+        action="store_true",
+        help="test on the 20 runs of Lake et al.'s one-shot challenge (20-way 1-shot within an "
+        "alphabet) instead of seeded episodes, and report the error rate over its 400 items; "
+        "only --checkpoint, --inner-steps and --data-root apply",
+    )
+    eval_parser.add_argument(
         "--data-root",
         metavar="DIR",
         help="data root to read instead of the run's data.root (else METAFILM_DATA_ROOT)",
@@ -301,6 +309,14 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         "inner_steps": args.inner_steps,
     }
 
+    def show_lake(path: Path, record: dict[str, Any]) -> None:
+        per_run = " ".join(str(errors) for errors in record["errors_per_run"])
+        print(
+            f"Lake one-shot runs ({record['episodes']} runs of {record['ways']}-way 1-shot "
+            f"within an alphabet): error rate {100 * record['error_rate']:.2f}% over "
+            f"{record['episodes'] * record['ways']} items; errors per run: {per_run} -> {path}"
+        )
+
     def show(path: Path, record: dict[str, Any]) -> None:
         summary = accuracy_summary(record["accuracies"])
         ci = "" if summary["ci95"] is None else f" ± {100 * summary['ci95']:.2f}"
@@ -309,6 +325,21 @@ def _run_evaluate(args: argparse.Namespace) -> None:
             f"{100 * summary['mean']:.2f}%{ci} over {summary['episodes']} episodes -> {path}"
         )
 
+    if args.lake:
+        given = [
+            f"--{key.replace('_', '-')}"
+            for key, value in overrides.items()
+            if value is not None and key != "inner_steps"
+        ]
+        if given:
+            raise ConfigError(f"--lake tests the fixed Lake runs: drop {', '.join(given)}")
+        evaluate_lake(
+            checkpoint,
+            inner_steps=args.inner_steps,
+            data_root=args.data_root,
+            on_result=show_lake,
+        )
+        return
     evaluate_checkpoint(checkpoint, overrides, data_root=args.data_root, on_result=show)
 
 

@@ -50,6 +50,7 @@ import torch
 
 from episodes.classes import ClassImages
 from episodes.integrity import CacheError, ChecksumError, atomic_writer
+from episodes.lake import load_lake_runs
 from episodes.miniimagenet import load_miniimagenet
 from episodes.omniglot import load_omniglot
 from episodes.sampler import Episode, EpisodeSampler, FixedEpisodes
@@ -651,6 +652,79 @@ def evaluation_name(checkpoint: Path, ways: int, shots: int, settings: EvalConfi
     )
 
 
+@dataclass(frozen=True)
+class _Evaluation:
+    """A training checkpoint made ready to test: its config (with the evaluation overrides), its
+    learner in float64, and what identifies it in the records."""
+
+    checkpoint: Path
+    config: RunConfig
+    learner: FiLMLearner
+    step: int
+    sha256: str
+
+    def adapt(self) -> AdaptSpec:
+        """The inner loop of the test: the training one with `eval.inner_steps` steps."""
+        return dataclasses.replace(self.config.adapt, inner_steps=self.config.eval.inner_steps)
+
+    def record(self, **protocol: Any) -> dict[str, Any]:
+        """The evaluation file's content: `protocol` (split, ways, shots, query, episodes,
+        episode_seed, accuracies, ...) and the run's own settings."""
+        config = self.config
+        return {
+            "dataset": config.data.dataset,
+            "image_size": config.data.image_size,
+            **{key: value for key, value in protocol.items() if key != "accuracies"},
+            "inner_steps_train": config.adapt.inner_steps,
+            "inner_steps_test": config.eval.inner_steps,
+            "inner_lr": config.adapt.inner_lr,
+            "train_ways": config.data.ways,
+            "train_shots": config.data.shots,
+            "train_query": config.data.query,
+            "bn_mode": config.model.bn_mode,
+            "transductive_bn": config.model.bn_mode == "episode",
+            "backbone": config.model.backbone,
+            "width": config.model.width,
+            "backbone_mode": config.model.backbone_mode,
+            "film_sites": list(self.learner.used_sites),
+            "encoder": config.model.encoder,
+            "head": config.model.head,
+            "precision": "float64",
+            "checkpoint": self.checkpoint.name,
+            "checkpoint_step": self.step,
+            "checkpoint_sha256": self.sha256,
+            "accuracies": protocol["accuracies"],
+        }
+
+    def write(self, name: str, record: dict[str, Any]) -> Path:
+        path = self.checkpoint.parent / EVAL_DIR / name
+        with atomic_writer(path) as file:
+            file.write((json.dumps(record, indent=1) + "\n").encode("utf-8"))
+        return path
+
+
+def _load_evaluation(
+    checkpoint: Path, eval_overrides: Mapping[str, Any] | None, data_root: str | None
+) -> _Evaluation:
+    payload = load_checkpoint(checkpoint)
+    require_keys(payload, ("kind", "config", "model", "step"), checkpoint)
+    if payload["kind"] != "train":
+        raise CheckpointError(
+            f"{checkpoint} is a {payload['kind']} file, not a training checkpoint"
+        )
+    raw = {section: dict(table) for section, table in payload["config"].items()}
+    raw["eval"].update({k: v for k, v in (eval_overrides or {}).items() if v is not None})
+    if data_root is not None:
+        raw["data"]["root"] = data_root
+    config = config_from_dict(raw)
+    learner = build_learner(config)
+    learner.load_state_dict(payload["model"])
+    # float64: in float32, a change in the order of the sums (another thread count, another CPU)
+    # flips near-tied predictions and so changes per-episode accuracies; in float64 it does not.
+    learner.double()
+    return _Evaluation(checkpoint, config, learner, payload["step"], checkpoint_sha256(checkpoint))
+
+
 def evaluate_checkpoint(
     checkpoint: Path,
     eval_overrides: Mapping[str, Any] | None = None,
@@ -667,32 +741,15 @@ def evaluate_checkpoint(
     With `skip_existing`, a setting whose file is already written is not evaluated again (its
     name holds every protocol setting, so the file holds the same numbers).
     """
-    payload = load_checkpoint(checkpoint)
-    require_keys(payload, ("kind", "config", "model", "step"), checkpoint)
-    if payload["kind"] != "train":
-        raise CheckpointError(
-            f"{checkpoint} is a {payload['kind']} file, not a training checkpoint"
-        )
-    raw = {section: dict(table) for section, table in payload["config"].items()}
-    raw["eval"].update({k: v for k, v in (eval_overrides or {}).items() if v is not None})
-    if data_root is not None:
-        raw["data"]["root"] = data_root
-    config = config_from_dict(raw)
-    settings = config.eval
+    loaded = _load_evaluation(checkpoint, eval_overrides, data_root)
+    config, settings = loaded.config, loaded.config.eval
     if config.model.head == "linear" and set(settings.ways) != {config.data.ways}:
         raise ConfigError(
             f"eval.ways = {list(settings.ways)}: this run's linear head has {config.data.ways} "
             f"outputs, so it can only be tested {config.data.ways}-way"
         )
-    learner = build_learner(config)
-    learner.load_state_dict(payload["model"])
-    # float64: in float32, a change in the order of the sums (another thread count, another CPU)
-    # flips near-tied predictions and so changes per-episode accuracies; in float64 it does not.
-    learner.double()
     classes = load_split(config.data, settings.split)
-    build = input_builder(learner, classes)
-    adapt = dataclasses.replace(config.adapt, inner_steps=settings.inner_steps)
-    sha256 = checkpoint_sha256(checkpoint)
+    build = input_builder(loaded.learner, classes)
     sources = {
         (ways, shots): episodes_fitting(
             "eval.ways / eval.shots / eval.query",
@@ -711,43 +768,77 @@ def evaluate_checkpoint(
     }
     written = []
     for (ways, shots), source in sources.items():
-        path = checkpoint.parent / EVAL_DIR / evaluation_name(checkpoint, ways, shots, settings)
-        if skip_existing and path.is_file():
-            written.append(path)
+        name = evaluation_name(checkpoint, ways, shots, settings)
+        if skip_existing and (checkpoint.parent / EVAL_DIR / name).is_file():
+            written.append(checkpoint.parent / EVAL_DIR / name)
             continue
-        accuracies = evaluate(learner, fixed_batches(source, build), adapt)
-        record = {
-            "dataset": config.data.dataset,
-            "image_size": config.data.image_size,
-            "split": settings.split,
-            "ways": ways,
-            "shots": shots,
-            "query": settings.query,
-            "episodes": settings.episodes,
-            "episode_seed": settings.seed,
-            "inner_steps_train": config.adapt.inner_steps,
-            "inner_steps_test": settings.inner_steps,
-            "inner_lr": config.adapt.inner_lr,
-            "train_ways": config.data.ways,
-            "train_shots": config.data.shots,
-            "train_query": config.data.query,
-            "bn_mode": config.model.bn_mode,
-            "transductive_bn": config.model.bn_mode == "episode",
-            "backbone": config.model.backbone,
-            "width": config.model.width,
-            "backbone_mode": config.model.backbone_mode,
-            "film_sites": list(learner.used_sites),
-            "encoder": config.model.encoder,
-            "head": config.model.head,
-            "precision": "float64",
-            "checkpoint": checkpoint.name,
-            "checkpoint_step": payload["step"],
-            "checkpoint_sha256": sha256,
-            "accuracies": accuracies.tolist(),
-        }
-        with atomic_writer(path) as file:
-            file.write((json.dumps(record, indent=1) + "\n").encode("utf-8"))
-        written.append(path)
+        accuracies = evaluate(loaded.learner, fixed_batches(source, build), loaded.adapt())
+        record = loaded.record(
+            split=settings.split,
+            ways=ways,
+            shots=shots,
+            query=settings.query,
+            episodes=settings.episodes,
+            episode_seed=settings.seed,
+            accuracies=accuracies.tolist(),
+        )
+        written.append(loaded.write(name, record))
         if on_result is not None:
-            on_result(path, record)
+            on_result(written[-1], record)
     return written
+
+
+LAKE_SPLIT = "lake-runs"
+"""The `split` of a Lake et al. evaluation record."""
+
+
+def evaluate_lake(
+    checkpoint: Path,
+    *,
+    inner_steps: int | None = None,
+    data_root: str | None = None,
+    on_result: Callable[[Path, dict[str, Any]], None] | None = None,
+) -> Path:
+    """Evaluate a training checkpoint on the 20 runs of Lake et al.'s one-shot challenge (20-way
+    1-shot within one evaluation alphabet, one test item per class); write
+    `<run dir>/eval/<checkpoint>_lake-runs_inner<N>.json`.
+
+    `accuracies` holds the accuracy of each run (k/20); the error rate of the paper, over the 400
+    test items, is `1 - mean`, also stored as `error_rate` with `errors_per_run`. The images are
+    decoded like the run's training images (same size). The paper's protocol also asks that the
+    model learned from the background alphabets alone: the record states the run's training and
+    validation splits so that a reader can check it.
+    """
+    loaded = _load_evaluation(checkpoint, {"inner_steps": inner_steps}, data_root)
+    config = loaded.config
+    if config.data.dataset != "omniglot":
+        raise ConfigError(
+            f"the Lake one-shot runs are Omniglot characters; this run was trained on "
+            f"{config.data.dataset}"
+        )
+    try:
+        runs = load_lake_runs(config.data.root or None, image_size=config.data.image_size)
+    except (FileNotFoundError, ValueError, ChecksumError) as error:
+        raise DataError(str(error)) from None
+    dtype = next(loaded.learner.parameters()).dtype
+    accuracies = evaluate(loaded.learner, [runs.episode(dtype)], loaded.adapt())
+    items = runs.query_labels.shape[1]
+    errors = [int(round((1 - accuracy) * items)) for accuracy in accuracies]
+    record = loaded.record(
+        split=LAKE_SPLIT,
+        ways=runs.ways,
+        shots=1,
+        query=1,
+        episodes=runs.runs,
+        episode_seed="fixed",
+        train_split=config.data.train_split,
+        val_split=config.data.val_split,
+        error_rate=sum(errors) / (runs.runs * items),
+        errors_per_run=errors,
+        accuracies=accuracies.tolist(),
+    )
+    name = f"{checkpoint.stem}_{LAKE_SPLIT}_inner{config.eval.inner_steps}.json"
+    path = loaded.write(name, record)
+    if on_result is not None:
+        on_result(path, record)
+    return path

@@ -57,6 +57,7 @@ OPTIONS = {
         "--seed",
         "--split",
         "--inner-steps",
+        "--lake",
         "--data-root",
     ],
     "report": ["RUN_DIR", "--out", "--compare-published"],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,12 @@ import torch
 from episodes.integrity import ChecksumError
 from episodes.lake import LakeRuns, load_lake_runs
 from episodes.omniglot import decode_glyph
+from episodes.sampler import Episode
+from metafilm.checkpoint import load_checkpoint
+from metafilm.cli import main
+from metafilm.config import config_from_dict
+from metafilm.meta import evaluate
+from metafilm.train import build_learner, evaluate_lake, train
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +115,77 @@ def test_corrupt_zip_is_a_clear_error(data_root, tmp_path, damage):
         ChecksumError, match="437c1eeab0af8484" if damage == "flip" else "truncated"
     ):
         load_lake_runs(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_root: Path, omniglot_cache_dir: Path, tmp_path_factory) -> Path:
+    """A small model trained a few steps on the background alphabets (the paper's protocol)."""
+    config = config_from_dict(
+        {
+            "data": {
+                "root": str(data_root),
+                "cache_dir": str(omniglot_cache_dir),
+                "train_split": "background",
+                "val_split": "background",
+                "ways": 5,
+                "query": 2,
+            },
+            "model": {"width": 8},
+            "outer": {"meta_batch_size": 2},
+            "train": {"steps": 4, "val_every": 0, "checkpoint_every": 4},
+        }
+    )
+    run = tmp_path_factory.mktemp("lake") / "run"
+    train(config, run)
+    return run
+
+
+@pytest.mark.data
+def test_lake_evaluation_scores_each_run_by_its_own_labels(runs, trained_run: Path) -> None:
+    path = evaluate_lake(trained_run / "last.pt", inner_steps=2)
+    assert path.name == "last_lake-runs_inner2.json"
+    record = json.loads(path.read_text())
+    assert (record["split"], record["ways"], record["shots"], record["episodes"]) == (
+        "lake-runs",
+        20,
+        1,
+        20,
+    )
+    assert (record["train_split"], record["inner_steps_test"]) == ("background", 2)
+    assert record["errors_per_run"] == [round((1 - a) * 20) for a in record["accuracies"]]
+    assert record["error_rate"] == pytest.approx(sum(record["errors_per_run"]) / 400)
+
+    # Independently: each run as its own task, query items in file order with the labels of
+    # class_labels.txt, through the same checkpoint in float64.
+    payload = load_checkpoint(trained_run / "last.pt")
+    config = config_from_dict(payload["config"])
+    learner = build_learner(config)
+    learner.load_state_dict(payload["model"])
+    learner.double()
+    adapt = replace(config.adapt, inner_steps=2)
+    for run in (0, 7, 19):
+        task = Episode(
+            support_x=runs.support_images[run : run + 1].double() / 255,
+            support_y=runs.support_labels[run : run + 1],
+            query_x=runs.query_images[run : run + 1].double() / 255,
+            query_y=runs.query_labels[run : run + 1],
+            ways=20,
+        )
+        (accuracy,) = evaluate(learner, [task], adapt)
+        assert accuracy == pytest.approx(record["accuracies"][run], abs=1e-12)
+
+
+@pytest.mark.data
+def test_lake_evaluation_from_the_command_line(trained_run: Path, data_root: Path) -> None:
+    assert main(["evaluate", str(trained_run), "--lake", "--data-root", str(data_root)]) == 0
+    assert (trained_run / "eval" / "last_lake-runs_inner1.json").is_file()
+    assert main(["evaluate", str(trained_run), "--lake", "--ways", "5"]) == 1
+    record = json.loads((trained_run / "eval" / "last_lake-runs_inner1.json").read_text())
+    assert main(["report", str(trained_run)]) == 0
+    report = (trained_run / "report" / "report.md").read_text()
+    assert "## Lake et al. one-shot challenge" in report
+    assert (
+        f"| {100 * record['error_rate']:.2f} | {' '.join(map(str, record['errors_per_run']))}"
+        in report
+    )
+    assert "| background / background |" in report

@@ -110,12 +110,15 @@ def task_slice(meta_batch_size: int, rank: int, world_size: int) -> slice:
 class Distributed:
     """This process's place in the group, and the few collectives training needs.
 
-    With `group = None` (`SINGLE_PROCESS`) every collective leaves its input as it is.
+    The collectives act on the default process group when `joined`; otherwise (`SINGLE_PROCESS`)
+    every collective leaves its input as it is. No reference to the group itself is kept: a
+    process group still referenced from Python when the interpreter shuts down aborts the process
+    ("terminate called without an active exception", seen in about one torchrun launch in six).
     """
 
     rank: int
     world_size: int
-    group: dist.ProcessGroup | None = None
+    joined: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -132,23 +135,23 @@ class Distributed:
 
     def barrier(self) -> None:
         """Wait until every process is here."""
-        if self.group is not None:
-            dist.barrier(group=self.group)
+        if self.joined:
+            dist.barrier()
 
     def broadcast_(self, tensors: Sequence[Tensor]) -> None:
         """Overwrite `tensors` in place with rank 0's values."""
-        if self.group is None:
+        if not self.joined:
             return
         for tensor in tensors:
-            dist.broadcast(tensor, src=0, group=self.group)
+            dist.broadcast(tensor, src=0)
 
     def mean_(self, tensors: Sequence[Tensor]) -> None:
         """Replace `tensors` (one dtype and device) in place by their mean over the processes,
         in one all-reduce."""
-        if self.group is None or not tensors:
+        if not self.joined or not tensors:
             return
         flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
-        dist.all_reduce(flat, group=self.group)
+        dist.all_reduce(flat)
         flat /= self.world_size
         start = 0
         for tensor in tensors:
@@ -157,7 +160,7 @@ class Distributed:
 
     def mean_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """`metrics` averaged over the processes (every process has the same keys)."""
-        if self.group is None:
+        if not self.joined:
             return dict(metrics)
         names = sorted(metrics)
         values = torch.tensor([metrics[name] for name in names], dtype=torch.float64)
@@ -166,23 +169,23 @@ class Distributed:
 
     def gather_shards(self, values: np.ndarray, n: int) -> np.ndarray:
         """Every process's `shard(n)` of a float array, joined in rank order: all `n` values."""
-        if self.group is None:
+        if not self.joined:
             return values
         width = -(-n // self.world_size)
         padded = torch.zeros(width, dtype=torch.float64)
         padded[: len(values)] = torch.from_numpy(np.asarray(values, dtype=np.float64))
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded, group=self.group)
+        dist.all_gather(parts, padded)
         return np.concatenate(
             [part[: len(shard(n, r, self.world_size))].numpy() for r, part in enumerate(parts)]
         )
 
     def require_same(self, name: str, value: int) -> None:
         """Raise a `DistributedError` unless every process holds the same `value`."""
-        if self.group is None:
+        if not self.joined:
             return
         values = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        dist.all_gather(values, torch.tensor([value], dtype=torch.int64), group=self.group)
+        dist.all_gather(values, torch.tensor([value], dtype=torch.int64))
         seen = [int(v) for v in values]
         if len(set(seen)) > 1:
             raise DistributedError(
@@ -221,11 +224,9 @@ def process_group() -> Iterator[Distributed]:
         timeout=timeout,
     )
     try:
-        yield Distributed(launch.rank, launch.world_size, dist.group.WORLD)
-        # Leave together: rank 0 hosts the rendezvous store, and a process still tearing down its
-        # gloo connections when rank 0 exits aborts ("terminate called without an active
-        # exception"). After a failure, or when a peer has already left, there is nobody to wait
-        # for.
+        yield Distributed(launch.rank, launch.world_size, joined=True)
+        # Leave together, so that no process tears the group down while another still uses it.
+        # After a failure, or when a peer has already left, there is nobody to wait for.
         with suppress(RuntimeError):
             dist.barrier()
     finally:

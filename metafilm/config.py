@@ -66,6 +66,11 @@ class DataConfig:
     shots: int = 1
     query: int = 15
     augment_rotations: bool = False
+    train_alphabets: tuple[str, ...] | None = None
+    """Omniglot only: train on these alphabets of `train_split` alone; None: all of them."""
+    val_alphabets: tuple[str, ...] | None = None
+    """Omniglot only: validate on these alphabets of `val_split` alone, e.g. background alphabets
+    held out of training (the protocol of Lake et al.'s one-shot runs); None: all of them."""
 
 
 @dataclass(frozen=True)
@@ -365,6 +370,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
                 f"{key} = {_show(split)} is not a split of {data.dataset}{hint}; "
                 f"splits are {', '.join(dataset['splits'])}"
             )
+    _check_alphabets(data)
     if data.image_size is None:
         data = dataclasses.replace(data, image_size=dataset["image_size"])
     model = dataclasses.replace(
@@ -392,6 +398,27 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
         pretrain=parts["pretrain"],
         eval=evaluation,
     )
+
+
+def _check_alphabets(data: DataConfig) -> None:
+    """Alphabets select Omniglot characters; validating on training characters is refused."""
+    chosen = [key for key in ("train_alphabets", "val_alphabets") if getattr(data, key)]
+    if chosen and data.dataset != "omniglot":
+        raise ConfigError(
+            f"data.{chosen[0]} selects Omniglot alphabets; remove it for {data.dataset}"
+        )
+    for key in ("train_alphabets", "val_alphabets"):
+        if getattr(data, key) == ():
+            raise ConfigError(f'data.{key} is empty; list alphabet names, or "none" for all')
+    if data.train_split == data.val_split and data.train_alphabets is not None:
+        train, val = set(data.train_alphabets), set(data.val_alphabets or ())
+        if data.val_alphabets is None or train & val:
+            shared = "all of them" if data.val_alphabets is None else ", ".join(sorted(train & val))
+            raise ConfigError(
+                f"data.train_alphabets and data.val_alphabets of split {data.train_split!r} share "
+                f"{shared}: validation would see training characters; give data.val_alphabets "
+                f"other alphabets"
+            )
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -373,6 +373,12 @@ LAKE_PUBLISHED = "people 4.5%, Bayesian Program Learning 3.3%, a deep Siamese co
 """Error rates on the Lake et al. (2015) one-shot runs, as published there."""
 
 
+def _split_text(result: dict[str, Any], which: str) -> str:
+    alphabets = result.get(f"{which}_alphabets")
+    split = result[f"{which}_split"]
+    return split if alphabets is None else f"{split} ({len(alphabets)} alphabets)"
+
+
 def _lake_markdown(results: Sequence[dict[str, Any]]) -> list[str]:
     """The Lake et al. one-shot challenge in its own terms: error rate over the 400 items."""
     lake = [r for r in results if "error_rate" in r]
@@ -393,7 +399,7 @@ def _lake_markdown(results: Sequence[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['run']} | {100 * r['error_rate']:.2f} "
             f"| {' '.join(map(str, r['errors_per_run']))} "
-            f"| {r['train_split']} / {r['val_split']} | {r['inner_steps_test']} "
+            f"| {_split_text(r, 'train')} / {_split_text(r, 'val')} | {r['inner_steps_test']} "
             f"| {r['checkpoint']} (step {r['checkpoint_step']}) |"
         )
     return [*lines, ""]

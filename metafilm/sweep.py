@@ -22,7 +22,7 @@ import numpy as np
 
 from metafilm.checkpoint import load_checkpoint
 from metafilm.config import ConfigError, RunConfig, load_config, parse_override
-from metafilm.report import CONFIG_FILE, FIGURES, RunFiles, accuracy_summary, read_run, write_report
+from metafilm.report import CONFIG_FILE, RunFiles, accuracy_summary, read_run, write_report
 from metafilm.train import (
     LAST,
     Progress,
@@ -252,9 +252,4 @@ def run_sweep(
     document = {"config": str(config_path), "overrides": list(overrides), "arms": rows}
     written[1].write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     _plot(rows, written[2])
-    report = write_report([out / arm.name for arm in arms], out / "report")
-    return (
-        written
-        + [path for path in report if path.name not in FIGURES]
-        + [path for path in report if path.name in FIGURES]
-    )
+    return written + write_report([out / arm.name for arm in arms], out / "report")

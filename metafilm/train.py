@@ -126,13 +126,18 @@ class Progress(Protocol):
     def close(self) -> None: ...
 
 
-def load_split(data: DataConfig, split: str) -> ClassImages:
-    """One split of the configured dataset; any problem with the files is a `DataError`."""
+def load_split(
+    data: DataConfig, split: str, alphabets: tuple[str, ...] | None = None
+) -> ClassImages:
+    """One split of the configured dataset (for Omniglot, only `alphabets` of it if given); any
+    problem with the files is a `DataError`."""
     root = data.root or None
     cache_dir = data.cache_dir or None
     try:
         if data.dataset == "omniglot":
-            return load_omniglot(root, split, image_size=data.image_size, cache_dir=cache_dir)
+            return load_omniglot(
+                root, split, image_size=data.image_size, cache_dir=cache_dir, alphabets=alphabets
+            )
         return load_miniimagenet(
             root, split, format=data.format, image_size=data.image_size, cache_dir=cache_dir
         )
@@ -402,7 +407,7 @@ def _load_sources(config: RunConfig) -> _Sources:
     """Load the splits and check the episode shapes against them (before any work)."""
     data, settings = config.data, config.train
     what = "data.ways / data.shots / data.query"
-    train_classes = load_split(data, data.train_split)
+    train_classes = load_split(data, data.train_split, data.train_alphabets)
     sampler = episodes_fitting(
         what,
         data.train_split,
@@ -417,7 +422,7 @@ def _load_sources(config: RunConfig) -> _Sources:
     )
     if not settings.val_every:
         return _Sources(train_classes, sampler, None, None)
-    val_classes = load_split(data, data.val_split)
+    val_classes = load_split(data, data.val_split, data.val_alphabets)
     validation = episodes_fitting(
         what,
         data.val_split,
@@ -618,7 +623,7 @@ def pretrain_run(
             "learns in train itself); set it with --set model.backbone_mode=frozen"
         )
     check_run_dir(run_dir, config, resume=False, force=force)
-    classes = load_split(config.data, config.data.train_split)
+    classes = load_split(config.data, config.data.train_split, config.data.train_alphabets)
     seed_everything(config.train.seed)
     learner = build_learner(config)
     start_run_dir(run_dir, config, resume=False)
@@ -832,7 +837,9 @@ def evaluate_lake(
         episodes=runs.runs,
         episode_seed="fixed",
         train_split=config.data.train_split,
+        train_alphabets=config.data.train_alphabets,
         val_split=config.data.val_split,
+        val_alphabets=config.data.val_alphabets,
         error_rate=sum(errors) / (runs.runs * items),
         errors_per_run=errors,
         accuracies=accuracies.tolist(),

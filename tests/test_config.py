@@ -114,6 +114,24 @@ def test_split_names_are_checked_per_dataset() -> None:
     assert "eval.split" in error_of({"eval": {"split": "tset"}})
 
 
+def test_alphabets_are_omniglot_only_and_validation_never_sees_training_characters() -> None:
+    held_out = {"train_split": "background", "val_split": "background"}
+    config = config_from_dict(
+        {"data": {**held_out, "train_alphabets": ["Greek", "Latin"], "val_alphabets": ["Korean"]}}
+    )
+    assert (config.data.train_alphabets, config.data.val_alphabets) == (
+        ("Greek", "Latin"),
+        ("Korean",),
+    )
+    message = error_of({"data": {**held_out, "train_alphabets": ["Greek"]}})
+    assert "share all of them" in message
+    overlap = {"train_alphabets": ["Greek", "Latin"], "val_alphabets": ["Latin"]}
+    assert "share Latin" in error_of({"data": {**held_out, **overlap}})
+    assert "data.val_alphabets is empty" in error_of({"data": {"val_alphabets": []}})
+    message = error_of({"data": {"dataset": "miniimagenet", "train_alphabets": ["Greek"]}})
+    assert message.startswith("data.train_alphabets selects Omniglot alphabets")
+
+
 def test_optional_values_and_single_numbers() -> None:
     config = config_from_dict({"outer": {"grad_clip": "none"}, "eval": {"ways": 20}})
     assert config.outer.grad_clip is None

@@ -12,7 +12,7 @@ import torch
 
 from episodes.integrity import ChecksumError
 from episodes.lake import LakeRuns, load_lake_runs
-from episodes.omniglot import decode_glyph
+from episodes.omniglot import decode_glyph, omniglot_alphabets
 from episodes.sampler import Episode
 from metafilm.checkpoint import load_checkpoint
 from metafilm.cli import main
@@ -120,19 +120,22 @@ def test_corrupt_zip_is_a_clear_error(data_root, tmp_path, damage):
 @pytest.fixture(scope="module")
 def trained_run(data_root: Path, omniglot_cache_dir: Path, tmp_path_factory) -> Path:
     """A small model trained a few steps on the background alphabets (the paper's protocol)."""
+    alphabets = omniglot_alphabets(data_root, "background")
     config = config_from_dict(
         {
             "data": {
                 "root": str(data_root),
                 "cache_dir": str(omniglot_cache_dir),
                 "train_split": "background",
+                "train_alphabets": list(alphabets[:-5]),
                 "val_split": "background",
+                "val_alphabets": list(alphabets[-5:]),
                 "ways": 5,
                 "query": 2,
             },
             "model": {"width": 8},
             "outer": {"meta_batch_size": 2},
-            "train": {"steps": 4, "val_every": 0, "checkpoint_every": 4},
+            "train": {"steps": 4, "val_every": 4, "val_episodes": 3, "checkpoint_every": 4},
         }
     )
     run = tmp_path_factory.mktemp("lake") / "run"
@@ -151,7 +154,13 @@ def test_lake_evaluation_scores_each_run_by_its_own_labels(runs, trained_run: Pa
         1,
         20,
     )
-    assert (record["train_split"], record["inner_steps_test"]) == ("background", 2)
+    assert (record["train_split"], record["val_split"], record["inner_steps_test"]) == (
+        "background",
+        "background",
+        2,
+    )
+    assert len(record["train_alphabets"]) == 25 and len(record["val_alphabets"]) == 5
+    assert not set(record["train_alphabets"]) & set(record["val_alphabets"])
     assert record["errors_per_run"] == [round((1 - a) * 20) for a in record["accuracies"]]
     assert record["error_rate"] == pytest.approx(sum(record["errors_per_run"]) / 400)
 
@@ -178,9 +187,9 @@ def test_lake_evaluation_scores_each_run_by_its_own_labels(runs, trained_run: Pa
 @pytest.mark.data
 def test_lake_evaluation_from_the_command_line(trained_run: Path, data_root: Path) -> None:
     assert main(["evaluate", str(trained_run), "--lake", "--data-root", str(data_root)]) == 0
-    assert (trained_run / "eval" / "last_lake-runs_inner1.json").is_file()
+    assert (trained_run / "eval" / "best_lake-runs_inner1.json").is_file()
     assert main(["evaluate", str(trained_run), "--lake", "--ways", "5"]) == 1
-    record = json.loads((trained_run / "eval" / "last_lake-runs_inner1.json").read_text())
+    record = json.loads((trained_run / "eval" / "best_lake-runs_inner1.json").read_text())
     assert main(["report", str(trained_run)]) == 0
     report = (trained_run / "report" / "report.md").read_text()
     assert "## Lake et al. one-shot challenge" in report
@@ -188,4 +197,4 @@ def test_lake_evaluation_from_the_command_line(trained_run: Path, data_root: Pat
         f"| {100 * record['error_rate']:.2f} | {' '.join(map(str, record['errors_per_run']))}"
         in report
     )
-    assert "| background / background |" in report
+    assert "| background (25 alphabets) / background (5 alphabets) |" in report

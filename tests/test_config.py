@@ -22,7 +22,7 @@ from metafilm.config import (
     trajectory_differences,
 )
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.toml"))
 
 
 def error_of(raw: dict) -> str:

@@ -360,6 +360,12 @@ def _markdown(
                 f"- {_setting(r)} on {r['split']!r}: FiLM sites {', '.join(r['film_sites'])}; "
                 f"checkpoint {r['checkpoint']} step {r['checkpoint_step']}, "
                 f"sha256 `{r['checkpoint_sha256']}`"
+                + (
+                    ""
+                    if "versions" not in r
+                    else "; computed with "
+                    + ", ".join(f"{name} {version}" for name, version in r["versions"].items())
+                )
             )
         lines.append("")
     lines += _lake_markdown(results)

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import math
+import platform
 import random
 import shutil
 import time
@@ -657,6 +658,18 @@ def evaluation_name(checkpoint: Path, ways: int, shots: int, settings: EvalConfi
     )
 
 
+def software_versions() -> dict[str, str]:
+    """What computed a result: Python, torch and numpy, and metafilm itself."""
+    from metafilm import __version__
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "metafilm": __version__,
+    }
+
+
 @dataclass(frozen=True)
 class _Evaluation:
     """A training checkpoint made ready to test: its config (with the evaluation overrides), its
@@ -695,6 +708,7 @@ class _Evaluation:
             "encoder": config.model.encoder,
             "head": config.model.head,
             "precision": "float64",
+            "versions": software_versions(),
             "checkpoint": self.checkpoint.name,
             "checkpoint_step": self.step,
             "checkpoint_sha256": self.sha256,

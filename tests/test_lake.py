@@ -160,6 +160,7 @@ def test_lake_evaluation_scores_each_run_by_its_own_labels(runs, trained_run: Pa
         2,
     )
     assert len(record["train_alphabets"]) == 25 and len(record["val_alphabets"]) == 5
+    assert record["versions"]["torch"] == torch.__version__ and record["precision"] == "float64"
     assert not set(record["train_alphabets"]) & set(record["val_alphabets"])
     assert record["errors_per_run"] == [round((1 - a) * 20) for a in record["accuracies"]]
     assert record["error_rate"] == pytest.approx(sum(record["errors_per_run"]) / 400)

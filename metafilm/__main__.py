@@ -1,5 +1,6 @@
-"""`python -m metafilm`: the same command line as `metafilm`."""
+"""`python -m metafilm`: the same command line as `metafilm` (and the module torchrun starts)."""
 
 from metafilm.cli import main
+from metafilm.distributed import exit_process
 
-raise SystemExit(main())
+exit_process(main())

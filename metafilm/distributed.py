@@ -50,10 +50,14 @@ class Launch:
     local_rank: int
 
 
+def launched(env: Mapping[str, str]) -> bool:
+    """Whether `env` names a distributed run (torchrun sets `RANK` and `WORLD_SIZE`)."""
+    return "RANK" in env or "WORLD_SIZE" in env
+
+
 def launch_from_env(env: Mapping[str, str]) -> Launch | None:
-    """The launch `env` describes; None when it names no distributed run (no `RANK` and no
-    `WORLD_SIZE`)."""
-    if "RANK" not in env and "WORLD_SIZE" not in env:
+    """The launch `env` describes; None when it names no distributed run (see `launched`)."""
+    if not launched(env):
         return None
     missing = [name for name in LAUNCH_VARIABLES if not env.get(name)]
     if missing:
@@ -205,7 +209,7 @@ def exit_process(status: int) -> NoReturn:
     output, without the interpreter's shutdown: there, gloo's threads occasionally abort the
     process even after the group was destroyed ("terminate called without an active exception",
     exit status -6, seen in a few percent of launches), which would fail a run that succeeded."""
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:  # not launched by torchrun
+    if not launched(os.environ):
         raise SystemExit(status)
     logging.shutdown()
     sys.stdout.flush()

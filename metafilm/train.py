@@ -715,8 +715,12 @@ class _Evaluation:
             "accuracies": protocol["accuracies"],
         }
 
+    def path(self, name: str) -> Path:
+        """Where the evaluation file `name` of this checkpoint lives: its run's eval folder."""
+        return self.checkpoint.parent / EVAL_DIR / name
+
     def write(self, name: str, record: dict[str, Any]) -> Path:
-        path = self.checkpoint.parent / EVAL_DIR / name
+        path = self.path(name)
         with atomic_writer(path) as file:
             file.write((json.dumps(record, indent=1) + "\n").encode("utf-8"))
         return path
@@ -788,8 +792,8 @@ def evaluate_checkpoint(
     written = []
     for (ways, shots), source in sources.items():
         name = evaluation_name(checkpoint, ways, shots, settings)
-        if skip_existing and (checkpoint.parent / EVAL_DIR / name).is_file():
-            written.append(checkpoint.parent / EVAL_DIR / name)
+        if skip_existing and loaded.path(name).is_file():
+            written.append(loaded.path(name))
             continue
         accuracies = evaluate(loaded.learner, fixed_batches(source, build), loaded.adapt())
         record = loaded.record(

@@ -71,6 +71,13 @@ def test_a_bad_grid_is_refused_with_its_reason(grid: list[str], message: str) ->
         parse_grid(grid)
 
 
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    return config
+
+
 def sweep(config: Path, out: Path, data_root: Path, cache_dir: Path, *grid: str):
     env = {
         **os.environ,
@@ -87,11 +94,9 @@ def sweep(config: Path, out: Path, data_root: Path, cache_dir: Path, *grid: str)
 @pytest.mark.slow
 @pytest.mark.data
 def test_sweep_trains_evaluates_compares_and_resumes(
-    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
+    tiny_config: Path, tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
 ) -> None:
-    config = tmp_path / "tiny.toml"
-    config.write_text(TINY)
-    out = tmp_path / "sweep"
+    config, out = tiny_config, tmp_path / "sweep"
     grid = ("adapt.inner_steps=0,1",)
     done = sweep(config, out, data_root, omniglot_cache_dir, *grid)
     assert done.returncode == 0, done.stderr
@@ -140,11 +145,9 @@ def test_sweep_trains_evaluates_compares_and_resumes(
 @pytest.mark.slow
 @pytest.mark.data
 def test_a_changed_grid_config_is_refused_for_an_existing_arm(
-    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
+    tiny_config: Path, tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
 ) -> None:
-    config = tmp_path / "tiny.toml"
-    config.write_text(TINY)
-    out = tmp_path / "sweep"
+    config, out = tiny_config, tmp_path / "sweep"
     assert sweep(config, out, data_root, omniglot_cache_dir, "adapt.inner_steps=0").returncode == 0
     config.write_text(TINY.replace("width = 8", "width = 4"))
     refused = sweep(config, out, data_root, omniglot_cache_dir, "adapt.inner_steps=0")

@@ -226,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_parser.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="directory of the sweep"
     )
+    sweep_parser.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="an ablation instead of a grid: the base config's arm ('base'), then each --grid "
+        "value with every other setting left at the base config's",
+    )
     data_parser = commands.add_parser(
         "data",
         help="verify Omniglot and build its cache (optionally downloading it first)",
@@ -367,6 +373,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
         args.grid,
         args.out,
         overrides=args.overrides,
+        one_at_a_time=args.one_at_a_time,
         progress=announce,
         on_arm=show,
     )

@@ -7,6 +7,10 @@ it is, an interrupted one continues from its last checkpoint (to the weights an 
 reaches), and an evaluation already written is not repeated. Every arm is evaluated on the
 validation split and on the test split with the base config's [eval] protocol (choose on
 validation; the test numbers are for reporting).
+
+With `one_at_a_time`, the arms are an ablation instead of a grid: the base config's own arm
+(`base`), then each key's values with every other setting left at the base config's, so that
+each arm differs from `base` in one setting only.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class Arm:
 
     @property
     def name(self) -> str:
-        return ",".join(self.settings).replace("/", "_")
+        return ",".join(self.settings).replace("/", "_") or "base"
 
 
 def parse_grid(grid: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -76,6 +80,21 @@ def grid_arms(axes: Sequence[tuple[str, Sequence[str]]]) -> list[Arm]:
         Arm(tuple(f"{key}={value}" for key, value in zip(keys, values, strict=True)))
         for values in itertools.product(*(values for _, values in axes))
     ]
+
+
+def one_at_a_time_arms(
+    axes: Sequence[tuple[str, Sequence[str]]], arm_config: Callable[[Arm], RunConfig]
+) -> list[Arm]:
+    """The base arm, then one arm per key and value that changes the base config (`arm_config`
+    gives an arm's config): a value equal to the base setting is the base arm, not a copy."""
+    base = Arm(())
+    arms = [base]
+    for key, values in axes:
+        for value in values:
+            arm = Arm((f"{key}={value}",))
+            if arm_config(arm) != arm_config(base):
+                arms.append(arm)
+    return arms
 
 
 def _finished(run_dir: Path, config: RunConfig) -> bool:
@@ -136,16 +155,22 @@ def _markdown(
     config_path: Path,
     overrides: Sequence[str],
     axes: Sequence[tuple[str, Sequence[str]]],
+    one_at_a_time: bool,
     rows: list[dict],
 ) -> str:
     labels = sorted({label for row in rows for label in row["results"]})
     changed = "".join(f" `--set {text}`" for text in overrides)
+    values = "; ".join(f"`{key}` ∈ {{{', '.join(values)}}}" for key, values in axes)
+    design = (
+        f"one setting at a time around the base config (arm `base`): {values}"
+        if one_at_a_time
+        else f"grid: {values}"
+    )
     lines = [
         "# metafilm sweep",
         "",
-        f"Base config `{config_path}`{changed}; grid: "
-        + "; ".join(f"`{key}` ∈ {{{', '.join(values)}}}" for key, values in axes)
-        + ". Every arm has the same training budget (`train.steps`).",
+        f"Base config `{config_path}`{changed}; {design}. "
+        "Every arm has the same training budget (`train.steps`).",
         "",
         "Accuracy in percent, mean ± 95% CI (1.96 · s / sqrt(n) over the episodes). "
         "Train and validation accuracy are the last logged values during training, at the "
@@ -216,6 +241,7 @@ def run_sweep(
     out: str | Path,
     *,
     overrides: Sequence[str] = (),
+    one_at_a_time: bool = False,
     progress: Callable[[Arm], Progress | None] | None = None,
     on_arm: Callable[[Arm, dict[str, Any]], None] | None = None,
 ) -> list[Path]:
@@ -227,8 +253,12 @@ def run_sweep(
     matplotlib.use("Agg")
     config_path, out = Path(config_path), Path(out)
     axes = parse_grid(grid)
-    arms = grid_arms(axes)
-    configs = {arm: load_config(config_path, [*overrides, *arm.settings]) for arm in arms}
+
+    def arm_config(arm: Arm) -> RunConfig:
+        return load_config(config_path, [*overrides, *arm.settings])
+
+    arms = one_at_a_time_arms(axes, arm_config) if one_at_a_time else grid_arms(axes)
+    configs = {arm: arm_config(arm) for arm in arms}
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for arm, config in configs.items():
@@ -248,8 +278,16 @@ def run_sweep(
         if on_arm is not None:
             on_arm(arm, row)
     written = [out / "sweep.md", out / "sweep.json", out / SUMMARY_FIGURE]
-    written[0].write_text(_markdown(config_path, overrides, axes, rows), encoding="utf-8")
-    document = {"config": str(config_path), "overrides": list(overrides), "arms": rows}
+    written[0].write_text(
+        _markdown(config_path, overrides, axes, one_at_a_time, rows), encoding="utf-8"
+    )
+    document = {
+        "config": str(config_path),
+        "overrides": list(overrides),
+        "grid": {key: list(values) for key, values in axes},
+        "one_at_a_time": one_at_a_time,
+        "arms": rows,
+    }
     written[1].write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     _plot(rows, written[2])
     return written + write_report([out / arm.name for arm in arms], out / "report")

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from metafilm.checkpoint import load_checkpoint
-from metafilm.config import ConfigError
+from metafilm.config import ConfigError, load_config
 from metafilm.report import accuracy_summary
-from metafilm.sweep import Arm, grid_arms, parse_grid
+from metafilm.sweep import Arm, grid_arms, one_at_a_time_arms, parse_grid
 
 TINY = """
 [data]
@@ -71,6 +71,36 @@ def test_a_bad_grid_is_refused_with_its_reason(grid: list[str], message: str) ->
         parse_grid(grid)
 
 
+def test_one_at_a_time_varies_each_setting_alone_around_the_base(tiny_config: Path) -> None:
+    axes = parse_grid(
+        ["adapt.inner_steps=0,1,3", "model.encoder=linear,none", "outer.film_l2=0,1e-3,0.001"]
+    )
+
+    def config(arm: Arm):
+        return load_config(tiny_config, list(arm.settings))
+
+    arms = one_at_a_time_arms(axes, config)
+    # The base has one inner step, the linear encoder and film_l2 1e-3 (the defaults): those
+    # values, however written, are the base arm itself.
+    assert [arm.name for arm in arms] == [
+        "base",
+        "adapt.inner_steps=0",
+        "adapt.inner_steps=3",
+        "model.encoder=none",
+        "outer.film_l2=0",
+    ]
+    base = config(arms[0])
+    assert base == load_config(tiny_config)
+    for arm in arms[1:]:
+        changed = [
+            (section, key)
+            for section in ("adapt", "model", "outer")
+            for key in vars(getattr(base, section))
+            if getattr(getattr(config(arm), section), key) != getattr(getattr(base, section), key)
+        ]
+        assert [".".join(pair) for pair in changed] == [arm.settings[0].partition("=")[0]]
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     config = tmp_path / "tiny.toml"
@@ -78,14 +108,21 @@ def tiny_config(tmp_path: Path) -> Path:
     return config
 
 
-def sweep(config: Path, out: Path, data_root: Path, cache_dir: Path, *grid: str):
+def sweep(
+    config: Path,
+    out: Path,
+    data_root: Path,
+    cache_dir: Path,
+    *grid: str,
+    options: tuple[str, ...] = (),
+):
     env = {
         **os.environ,
         "METAFILM_DATA_ROOT": str(data_root),
         "METAFILM_CACHE_DIR": str(cache_dir),
         "OMP_NUM_THREADS": "1",
     }
-    command = [sys.executable, "-m", "metafilm", "sweep", str(config), "--out", str(out)]
+    command = [sys.executable, "-m", "metafilm", "sweep", str(config), "--out", str(out), *options]
     for setting in grid:
         command += ["--grid", setting]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -147,10 +184,14 @@ def test_sweep_trains_evaluates_compares_and_resumes(
 def test_a_changed_grid_config_is_refused_for_an_existing_arm(
     tiny_config: Path, tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
 ) -> None:
+    # An ablation whose only value is the base setting: one arm, "base".
     config, out = tiny_config, tmp_path / "sweep"
-    assert sweep(config, out, data_root, omniglot_cache_dir, "adapt.inner_steps=0").returncode == 0
+    ablation = {"options": ("--one-at-a-time",)}
+    done = sweep(config, out, data_root, omniglot_cache_dir, "adapt.inner_steps=1", **ablation)
+    assert done.returncode == 0, done.stderr
+    assert [path.name for path in out.iterdir() if (path / "last.pt").is_file()] == ["base"]
     config.write_text(TINY.replace("width = 8", "width = 4"))
-    refused = sweep(config, out, data_root, omniglot_cache_dir, "adapt.inner_steps=0")
+    refused = sweep(config, out, data_root, omniglot_cache_dir, "adapt.inner_steps=1", **ablation)
     assert refused.returncode == 1
     assert "Traceback" not in refused.stderr
     assert "cannot resume" in refused.stderr and "model.width" in refused.stderr

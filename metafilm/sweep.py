@@ -10,7 +10,9 @@ validation; the test numbers are for reporting).
 
 With `one_at_a_time`, the arms are an ablation instead of a grid: the base config's own arm
 (`base`), then each key's values with every other setting left at the base config's, so that
-each arm differs from `base` in one setting only.
+each arm differs from `base` in one setting only. Every arm is then also compared with `base`
+on the very same evaluation episodes: the per-episode accuracy difference, with its 95% CI, is
+far tighter than two independent CIs, so that small effects can be told from noise.
 """
 
 from __future__ import annotations
@@ -37,6 +39,19 @@ from metafilm.train import (
 )
 
 SUMMARY_FIGURE = "sweep_accuracy.png"
+
+EPISODE_KEYS = (
+    "dataset",
+    "image_size",
+    "split",
+    "ways",
+    "shots",
+    "query",
+    "episodes",
+    "episode_seed",
+)
+"""The fields of an evaluation record that fix its episodes: two records that agree on all of
+them were computed on the same episodes, so their accuracies pair up episode by episode."""
 
 
 @dataclass(frozen=True)
@@ -121,10 +136,10 @@ def _mean_of_prefix(row: Mapping[str, Any] | None, prefix: str) -> float | None:
 def arm_summary(arm: Arm, run: RunFiles) -> dict[str, Any]:
     """An arm's comparison figures: accuracy with 95% CI per split and setting, the final train
     and validation accuracy and their gap, and the final RMS FiLM deviations (mean over sites)."""
-    results = {}
-    for evaluation in run.evaluations:
-        label = f"{evaluation['split']} {evaluation['ways']}-way {evaluation['shots']}-shot"
-        results[label] = accuracy_summary(evaluation["accuracies"])
+    results = {
+        _label(evaluation): accuracy_summary(evaluation["accuracies"])
+        for evaluation in run.evaluations
+    }
     train_accuracy = _last(run.metrics, "accuracy")
     val_accuracy = _last(run.metrics, "val_accuracy")
     logged = [row for row in run.metrics if "accuracy" in row]
@@ -147,8 +162,36 @@ def arm_summary(arm: Arm, run: RunFiles) -> dict[str, Any]:
     }
 
 
+def _label(evaluation: Mapping[str, Any]) -> str:
+    return f"{evaluation['split']} {evaluation['ways']}-way {evaluation['shots']}-shot"
+
+
+def paired_differences(run: RunFiles, base: RunFiles) -> dict[str, dict[str, Any]]:
+    """Per evaluation label, `run`'s accuracy minus `base`'s on the same episodes: mean and 95% CI
+    of the per-episode differences. Labels whose episodes differ between the two are left out."""
+    bases = {_label(evaluation): evaluation for evaluation in base.evaluations}
+    differences = {}
+    for evaluation in run.evaluations:
+        other = bases.get(_label(evaluation))
+        if other is not None and all(evaluation[k] == other[k] for k in EPISODE_KEYS):
+            differences[_label(evaluation)] = accuracy_summary(
+                np.subtract(evaluation["accuracies"], other["accuracies"])
+            )
+    return differences
+
+
 def _fmt(value: float | None, scale: float = 100.0, digits: int = 2) -> str:
     return "–" if value is None else f"{scale * value:.{digits}f}"
+
+
+def _mean_ci(summary: Mapping[str, Any] | None, *, bold_if_clear: bool = False) -> str:
+    """`mean ± ci` in percent ("–" if missing), bold if asked and the CI excludes zero."""
+    if summary is None:
+        return "–"
+    ci95 = summary["ci95"]
+    text = _fmt(summary["mean"]) + ("" if ci95 is None else f" ± {_fmt(ci95)}")
+    clear = ci95 is not None and abs(summary["mean"]) > ci95
+    return f"**{text}**" if bold_if_clear and clear else text
 
 
 def _markdown(
@@ -183,15 +226,7 @@ def _markdown(
         "|---|" + "---|" * (len(labels) + 6),
     ]
     for row in rows:
-        cells = []
-        for label in labels:
-            summary = row["results"].get(label)
-            cells.append(
-                "–"
-                if summary is None
-                else _fmt(summary["mean"])
-                + ("" if summary["ci95"] is None else f" ± {_fmt(summary['ci95'])}")
-            )
+        cells = [_mean_ci(row["results"].get(label)) for label in labels]
         lines.append(
             f"| {row['arm']} | "
             + " | ".join(cells)
@@ -199,6 +234,21 @@ def _markdown(
             f"| {_fmt(row['train_val_gap'])} | {_fmt(row['film_predicted_rms'], 1, 4)} "
             f"| {_fmt(row['film_adapted_rms'], 1, 4)} | {_fmt(row['wall_time_s'], 1, 0)} |"
         )
+    if one_at_a_time:
+        lines += [
+            "",
+            "## Difference from `base` on the same episodes",
+            "",
+            "Accuracy of the arm minus that of `base`, in percentage points: mean ± 95% CI of "
+            "the per-episode differences over the same evaluation episodes. **Bold**: the CI "
+            "excludes 0.",
+            "",
+            "| arm | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
+        for row in rows[1:]:
+            cells = [_mean_ci(row["vs_base"].get(label), bold_if_clear=True) for label in labels]
+            lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"![accuracy per arm]({SUMMARY_FIGURE})",
@@ -260,7 +310,7 @@ def run_sweep(
     arms = one_at_a_time_arms(axes, arm_config) if one_at_a_time else grid_arms(axes)
     configs = {arm: arm_config(arm) for arm in arms}
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, runs = [], []
     for arm, config in configs.items():
         run_dir = out / arm.name
         if not _finished(run_dir, config):
@@ -273,10 +323,14 @@ def run_sweep(
         checkpoint = resolve_checkpoint(run_dir)
         for split in dict.fromkeys((config.data.val_split, config.eval.split)):
             evaluate_checkpoint(checkpoint, {"split": split}, skip_existing=True)
-        row = arm_summary(arm, read_run(run_dir))
+        runs.append(read_run(run_dir))
+        row = arm_summary(arm, runs[-1])
         rows.append(row)
         if on_arm is not None:
             on_arm(arm, row)
+    if one_at_a_time:  # the base arm comes first
+        for row, run in zip(rows[1:], runs[1:], strict=True):
+            row["vs_base"] = paired_differences(run, runs[0])
     written = [out / "sweep.md", out / "sweep.json", out / SUMMARY_FIGURE]
     written[0].write_text(
         _markdown(config_path, overrides, axes, one_at_a_time, rows), encoding="utf-8"

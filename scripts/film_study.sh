@@ -22,6 +22,7 @@ grid=(
     --grid "adapt.inner_lr=0.1,1.0,10"
     --grid 'model.film_sites=["block1"],["block4"],all'
     --grid "model.backbone_mode=outer,frozen"
+    --grid "model.bn_mode=episode,running"
 )
 mkdir -p "$runs"
 OMP_NUM_THREADS=1 metafilm sweep "$config" --one-at-a-time "${grid[@]}" \

@@ -9,13 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from metafilm.checkpoint import load_checkpoint
 from metafilm.config import ConfigError, load_config
-from metafilm.report import accuracy_summary
-from metafilm.sweep import Arm, grid_arms, one_at_a_time_arms, parse_grid
+from metafilm.report import RunFiles, accuracy_summary
+from metafilm.sweep import (
+    Arm,
+    grid_arms,
+    one_at_a_time_arms,
+    paired_differences,
+    parse_grid,
+)
 
 TINY = """
 [data]
@@ -101,6 +108,40 @@ def test_one_at_a_time_varies_each_setting_alone_around_the_base(tiny_config: Pa
         assert [".".join(pair) for pair in changed] == [arm.settings[0].partition("=")[0]]
 
 
+def _evaluation(split: str, accuracies: list[float], seed: int = 1) -> dict:
+    return {
+        "dataset": "omniglot",
+        "image_size": 28,
+        "split": split,
+        "ways": 5,
+        "shots": 1,
+        "query": 15,
+        "episodes": len(accuracies),
+        "episode_seed": seed,
+        "accuracies": accuracies,
+    }
+
+
+def test_an_arm_is_compared_with_the_base_episode_by_episode(tmp_path: Path) -> None:
+    base_val, arm_val = [0.9, 0.8, 1.0, 0.7], [0.95, 0.85, 1.0, 0.8]
+
+    def run(*evaluations: dict) -> RunFiles:
+        return RunFiles("run", tmp_path, None, [], list(evaluations))  # type: ignore[arg-type]
+
+    base = run(_evaluation("val", base_val), _evaluation("test", [0.5, 0.6]))
+    arm = run(_evaluation("val", arm_val), _evaluation("test", [0.7, 0.8], seed=2))
+    differences = paired_differences(arm, base)
+    # Test episodes of another seed are other episodes: no pairing.
+    assert list(differences) == ["val 5-way 1-shot"]
+    paired = np.array(arm_val) - np.array(base_val)
+    expected_ci = 1.96 * paired.std(ddof=1) / np.sqrt(len(paired))
+    assert differences["val 5-way 1-shot"]["mean"] == pytest.approx(paired.mean())
+    assert differences["val 5-way 1-shot"]["ci95"] == pytest.approx(expected_ci)
+    # Pairing removes the spread of episode difficulty shared by both: far tighter than the CI of
+    # either arm alone.
+    assert expected_ci < accuracy_summary(base_val)["ci95"] / 2
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     config = tmp_path / "tiny.toml"
@@ -181,17 +222,34 @@ def test_sweep_trains_evaluates_compares_and_resumes(
 
 @pytest.mark.slow
 @pytest.mark.data
-def test_a_changed_grid_config_is_refused_for_an_existing_arm(
+def test_an_ablation_is_compared_with_its_base_and_a_changed_config_is_refused(
     tiny_config: Path, tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
 ) -> None:
-    # An ablation whose only value is the base setting: one arm, "base".
+    # One inner step is the base config's own setting: two arms, "base" and no inner step.
     config, out = tiny_config, tmp_path / "sweep"
-    ablation = {"options": ("--one-at-a-time",)}
-    done = sweep(config, out, data_root, omniglot_cache_dir, "adapt.inner_steps=1", **ablation)
+    ablation = ("adapt.inner_steps=1,0",)
+    done = sweep(
+        config, out, data_root, omniglot_cache_dir, *ablation, options=("--one-at-a-time",)
+    )
     assert done.returncode == 0, done.stderr
-    assert [path.name for path in out.iterdir() if (path / "last.pt").is_file()] == ["base"]
+    names = sorted(path.name for path in out.iterdir() if (path / "last.pt").is_file())
+    assert names == ["adapt.inner_steps=0", "base"]
+    arm = json.loads((out / "sweep.json").read_text())["arms"][1]
+    assert arm["arm"] == "adapt.inner_steps=0"
+
+    def accuracies(name: str) -> np.ndarray:
+        (file,) = (out / name / "eval").glob("*_test_*.json")
+        return np.array(json.loads(file.read_text())["accuracies"])
+
+    paired = accuracies("adapt.inner_steps=0") - accuracies("base")
+    assert arm["vs_base"]["test 5-way 1-shot"] == pytest.approx(accuracy_summary(paired))
+    table = (out / "sweep.md").read_text().split("## Difference from `base`")[1]
+    assert "| adapt.inner_steps=0 | " in table and f"{100 * paired.mean():.2f}" in table
+
     config.write_text(TINY.replace("width = 8", "width = 4"))
-    refused = sweep(config, out, data_root, omniglot_cache_dir, "adapt.inner_steps=1", **ablation)
+    refused = sweep(
+        config, out, data_root, omniglot_cache_dir, *ablation, options=("--one-at-a-time",)
+    )
     assert refused.returncode == 1
     assert "Traceback" not in refused.stderr
     assert "cannot resume" in refused.stderr and "model.width" in refused.stderr

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The FiLM study (docs/results/film-study): one ablation sweep around configs/study/film-study.toml
-# per setting, each arm changing one setting of the base arm, at the same number of steps.
+# per setting, each arm changing one setting of the base arm, at the same number of steps. The
+# base arm retrained with two other seeds shows how much an arm varies from run to run.
 #   full:      20-way 1-shot, trained on all 33 alphabets of the Vinyals train split;
 #   few-alpha: the same, trained on 4 of them only (Latin, Greek, Cyrillic, Korean: 492 classes
 #              with rotations), where overfitting can show.
@@ -23,6 +24,7 @@ grid=(
     --grid 'model.film_sites=["block1"],["block4"],all'
     --grid "model.backbone_mode=outer,frozen"
     --grid "model.bn_mode=episode,running"
+    --grid "train.seed=0,1,2"
 )
 mkdir -p "$runs"
 OMP_NUM_THREADS=1 metafilm sweep "$config" --one-at-a-time "${grid[@]}" \

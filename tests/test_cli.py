@@ -61,7 +61,7 @@ OPTIONS = {
         "--data-root",
     ],
     "report": ["RUN_DIR", "--out", "--compare-published"],
-    "sweep": ["config", "--set", "--grid", "--out"],
+    "sweep": ["config", "--set", "--grid", "--out", "--one-at-a-time"],
 }
 
 

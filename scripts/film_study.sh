@@ -2,9 +2,9 @@
 # The FiLM study (docs/results/film-study): one ablation sweep around configs/study/film-study.toml
 # per setting, each arm changing one setting of the base arm, at the same number of steps. The
 # base arm retrained with two other seeds shows how much an arm varies from run to run.
-#   full:      20-way 1-shot, trained on all 33 alphabets of the Vinyals train split;
-#   few-alpha: the same, trained on 4 of them only (Latin, Greek, Cyrillic, Korean: 492 classes
-#              with rotations), where overfitting can show.
+#   full:          20-way 1-shot, trained on all 33 alphabets of the Vinyals train split;
+#   few-alphabets: the same, trained on 4 of them only (Latin, Greek, Cyrillic, Korean: 492
+#                  classes with rotations), where overfitting can show.
 # Both settings run side by side, one thread each, on a 2-core CPU; each writes its own sweep.md
 # (val and test accuracy, train-val gap, deviation sizes per arm) and plot.
 #

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,7 +260,8 @@ def read_run(path: str | os.PathLike[str]) -> RunFiles:
     return RunFiles(path.name, path, config, read_metrics(path / METRICS_FILE), evaluations)
 
 
-def _setting(evaluation: dict[str, Any]) -> str:
+def setting_label(evaluation: Mapping[str, Any]) -> str:
+    """`W-way K-shot` of an evaluation record."""
     return f"{evaluation['ways']}-way {evaluation['shots']}-shot"
 
 
@@ -290,7 +291,8 @@ def _results(runs: Sequence[RunFiles]) -> list[dict[str, Any]]:
     return results
 
 
-def _percent(mean: float, ci: float | None) -> str:
+def format_percent(mean: float, ci: float | None) -> str:
+    """`mean ± ci` of a fraction, in percent with two decimals (no ± without a CI)."""
     return f"{100 * mean:.2f}" + ("" if ci is None else f" ± {100 * ci:.2f}")
 
 
@@ -328,7 +330,7 @@ def _markdown(
             if (r["train_ways"], r["train_shots"]) != (r["ways"], r["shots"]):
                 trained += " (differs from test)"
             lines.append(
-                f"| {r['run']} | {_setting(r)} | {_percent(r['mean'], r['ci95'])} "
+                f"| {r['run']} | {setting_label(r)} | {format_percent(r['mean'], r['ci95'])} "
                 f"| {r['episodes']} | {r['query']} | {r['episode_seed']} | {r['split']} "
                 f"| {trained} | {r['inner_steps_train']} / {r['inner_steps_test']} "
                 f"| {_bn_text(r['bn_mode'])} | {r['checkpoint']} (step {r['checkpoint_step']}) |"
@@ -357,7 +359,7 @@ def _markdown(
         ]
         for r in (r for r in results if r["run"] == run.name):
             lines.append(
-                f"- {_setting(r)} on {r['split']!r}: FiLM sites {', '.join(r['film_sites'])}; "
+                f"- {setting_label(r)} on {r['split']!r}: FiLM sites {', '.join(r['film_sites'])}; "
                 f"checkpoint {r['checkpoint']} step {r['checkpoint_step']}, "
                 f"sha256 `{r['checkpoint_sha256']}`"
                 + (
@@ -429,7 +431,7 @@ def _published_markdown(results: Sequence[dict[str, Any]]) -> list[str]:
         for r in ours:
             lines.append(
                 f"| **ours: {r['run']}** | {r['backbone']}, width {r['width']} "
-                f"| **{_percent(r['mean'], r['ci95'])}** | {r['episodes']} episodes, "
+                f"| **{format_percent(r['mean'], r['ci95'])}** | {r['episodes']} episodes, "
                 f"{r['query']} query per class, seed {r['episode_seed']}, "
                 f"{_bn_text(r['bn_mode'])} |"
             )
@@ -491,7 +493,7 @@ def _plot_accuracy(results: Sequence[dict[str, Any]], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(results) + 2), 4.5), dpi=100)
     if results:
-        labels = [f"{r['run']}\n{_setting(r)}\n{r['split']}" for r in results]
+        labels = [f"{r['run']}\n{setting_label(r)}\n{r['split']}" for r in results]
         means = [100 * r["mean"] for r in results]
         errors = [0 if r["ci95"] is None else 100 * r["ci95"] for r in results]
         positions = np.arange(len(results))

@@ -28,7 +28,15 @@ import numpy as np
 
 from metafilm.checkpoint import load_checkpoint
 from metafilm.config import ConfigError, RunConfig, load_config, parse_override
-from metafilm.report import CONFIG_FILE, RunFiles, accuracy_summary, read_run, write_report
+from metafilm.report import (
+    CONFIG_FILE,
+    RunFiles,
+    accuracy_summary,
+    format_percent,
+    read_run,
+    setting_label,
+    write_report,
+)
 from metafilm.train import (
     LAST,
     Progress,
@@ -103,11 +111,12 @@ def one_at_a_time_arms(
     """The base arm, then one arm per key and value that changes the base config (`arm_config`
     gives an arm's config): a value equal to the base setting is the base arm, not a copy."""
     base = Arm(())
+    base_config = arm_config(base)
     arms = [base]
     for key, values in axes:
         for value in values:
             arm = Arm((f"{key}={value}",))
-            if arm_config(arm) != arm_config(base):
+            if arm_config(arm) != base_config:
                 arms.append(arm)
     return arms
 
@@ -163,7 +172,7 @@ def arm_summary(arm: Arm, run: RunFiles) -> dict[str, Any]:
 
 
 def _label(evaluation: Mapping[str, Any]) -> str:
-    return f"{evaluation['split']} {evaluation['ways']}-way {evaluation['shots']}-shot"
+    return f"{evaluation['split']} {setting_label(evaluation)}"
 
 
 def paired_differences(run: RunFiles, base: RunFiles) -> dict[str, dict[str, Any]]:
@@ -189,7 +198,7 @@ def _mean_ci(summary: Mapping[str, Any] | None, *, bold_if_clear: bool = False) 
     if summary is None:
         return "–"
     ci95 = summary["ci95"]
-    text = _fmt(summary["mean"]) + ("" if ci95 is None else f" ± {_fmt(ci95)}")
+    text = format_percent(summary["mean"], ci95)
     clear = ci95 is not None and abs(summary["mean"]) > ci95
     return f"**{text}**" if bold_if_clear and clear else text
 

@@ -31,6 +31,8 @@ from metafilm.film import fold_into_affine, modulate
 from metafilm.specs import BatchNormMode, ModelSpec
 
 BN_MODES: tuple[str, ...] = ("episode", "running")
+RUNNING_BUFFERS: tuple[str, ...] = ("running_mean", "running_var")
+"""The buffers a ``"running"`` batch norm adds to the state dict (an ``"episode"`` one has none)."""
 LEAKY_SLOPE = 0.1
 
 Film = Mapping[str, tuple[Tensor, Tensor]]
@@ -65,8 +67,9 @@ class BatchNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         if bn_mode == "running":
-            self.register_buffer("running_mean", torch.zeros(channels))
-            self.register_buffer("running_var", torch.ones(channels))
+            mean, var = RUNNING_BUFFERS
+            self.register_buffer(mean, torch.zeros(channels))
+            self.register_buffer(var, torch.ones(channels))
 
     def forward(self, x: Tensor, film: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Normalise ``x``; ``film = (dgamma, dbeta)`` modulates the result.

@@ -174,11 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="inner-loop steps at test time (default: the run's eval.inner_steps)",
     )
     eval_parser.add_argument(
+        "--bn-mode",
+        choices=("episode", "running"),
+        help="batch norm at test time: episode (the test episode's statistics, transductive) or "
+        "running (the statistics kept in training; only for models trained with model.bn_mode "
+        "= 'running'); default: the run's eval.bn_mode",
+    )
+    eval_parser.add_argument(
         "--lake",
         action="store_true",
         help="test on the 20 runs of Lake et al.'s one-shot challenge (20-way 1-shot within an "
         "alphabet) instead of seeded episodes, and report the error rate over its 400 items; "
-        "only --checkpoint, --inner-steps and --data-root apply",
+        "only --checkpoint, --inner-steps, --bn-mode and --data-root apply",
     )
     eval_parser.add_argument(
         "--data-root",
@@ -313,6 +320,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "split": args.split,
         "inner_steps": args.inner_steps,
+        "bn_mode": args.bn_mode,
     }
 
     def show_lake(path: Path, record: dict[str, Any]) -> None:
@@ -335,13 +343,14 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         given = [
             f"--{key.replace('_', '-')}"
             for key, value in overrides.items()
-            if value is not None and key != "inner_steps"
+            if value is not None and key not in ("inner_steps", "bn_mode")
         ]
         if given:
             raise ConfigError(f"--lake tests the fixed Lake runs: drop {', '.join(given)}")
         evaluate_lake(
             checkpoint,
             inner_steps=args.inner_steps,
+            bn_mode=args.bn_mode,
             data_root=args.data_root,
             on_result=show_lake,
         )

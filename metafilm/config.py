@@ -8,8 +8,9 @@ still before training.
 
 Settings that are derived are not written: `[model]` takes its `image_size` from
 `data.image_size`, `in_channels` from the dataset and `head_ways` from `data.ways`. Defaults that
-depend on other settings (`data.image_size`, `eval.ways`, `eval.shots`, `eval.inner_steps`) are
-resolved on load, so the saved `config.toml` of a run states every value it used.
+depend on other settings (`data.image_size`, `eval.ways`, `eval.shots`, `eval.inner_steps`,
+`eval.bn_mode`) are resolved on load, so the saved `config.toml` of a run states every value it
+used.
 
 TOML has no null: optional settings take the string "none" (`outer.grad_clip = "none"`).
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from episodes import miniimagenet, omniglot
-from metafilm.specs import AdaptSpec, ModelSpec, OuterSpec
+from metafilm.specs import AdaptSpec, BatchNormMode, ModelSpec, OuterSpec
 
 DATASETS: dict[str, dict[str, Any]] = {
     "omniglot": {"channels": 1, "image_size": 28, "splits": omniglot.SPLITS},
@@ -113,6 +114,10 @@ class EvalConfig:
     seed: int = 1
     inner_steps: int | None = None
     """None: the training inner steps."""
+    bn_mode: BatchNormMode | None = None
+    """Batch norm at test time. None: the model's own `model.bn_mode`. A model trained with
+    `"running"` can also be tested with `"episode"` statistics (transductive), so that one run
+    reports both protocols; an `"episode"` model keeps no running statistics to test with."""
 
 
 @dataclass(frozen=True)
@@ -388,7 +393,14 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
         inner_steps=(
             evaluation.inner_steps if evaluation.inner_steps is not None else adapt.inner_steps
         ),
+        bn_mode=evaluation.bn_mode or model.bn_mode,
     )
+    if evaluation.bn_mode == "running" and model.bn_mode == "episode":
+        raise ConfigError(
+            'eval.bn_mode = "running" needs running statistics, and a model with '
+            'model.bn_mode = "episode" keeps none: train with model.bn_mode = "running" '
+            '(its evaluations can then use either), or test with eval.bn_mode = "episode"'
+        )
     return RunConfig(
         data=data,
         model=model,

@@ -256,7 +256,7 @@ def read_run(path: str | os.PathLike[str]) -> RunFiles:
                 f"metafilm evaluate (delete it and evaluate again)"
             )
         evaluations.append(evaluation)
-    evaluations.sort(key=lambda e: tuple(e[key] for key in EVAL_ORDER))
+    evaluations.sort(key=lambda e: (*(e[key] for key in EVAL_ORDER), bn_mode_tested(e)))
     return RunFiles(path.name, path, config, read_metrics(path / METRICS_FILE), evaluations)
 
 
@@ -270,6 +270,12 @@ def _bn_text(bn_mode: str) -> str:
         "episode": "transductive (episode statistics)",
         "running": "running statistics at test",
     }.get(bn_mode, bn_mode)
+
+
+def bn_mode_tested(evaluation: Mapping[str, Any]) -> str:
+    """The batch norm an evaluation tested with (records written before `bn_mode_test` existed
+    always tested with the model's own mode)."""
+    return evaluation.get("bn_mode_test", evaluation["bn_mode"])
 
 
 def _results(runs: Sequence[RunFiles]) -> list[dict[str, Any]]:
@@ -333,7 +339,8 @@ def _markdown(
                 f"| {r['run']} | {setting_label(r)} | {format_percent(r['mean'], r['ci95'])} "
                 f"| {r['episodes']} | {r['query']} | {r['episode_seed']} | {r['split']} "
                 f"| {trained} | {r['inner_steps_train']} / {r['inner_steps_test']} "
-                f"| {_bn_text(r['bn_mode'])} | {r['checkpoint']} (step {r['checkpoint_step']}) |"
+                f"| {_bn_text(bn_mode_tested(r))} "
+                f"| {r['checkpoint']} (step {r['checkpoint_step']}) |"
             )
         lines.append("")
     lines += ["## Protocol", ""]
@@ -349,7 +356,12 @@ def _markdown(
             f"validated on {c.data.val_split!r}",
             f"- backbone: {c.model.backbone}, width {c.model.width}, "
             + ("frozen after pretraining" if c.model.backbone_mode == "frozen" else "meta-trained"),
-            f"- batch norm: bn_mode {c.model.bn_mode!r}, {_bn_text(c.model.bn_mode)}",
+            f"- batch norm: bn_mode {c.model.bn_mode!r}"
+            + (
+                ", running statistics kept (testable either way)"
+                if c.model.bn_mode == "running"
+                else ", episode statistics only (transductive)"
+            ),
             f"- task encoder: {c.model.encoder}; head: {c.model.head}",
             f"- inner loop: {c.adapt.inner_steps} steps, lr {c.adapt.inner_lr}, "
             f"{'first' if c.adapt.first_order else 'second'} order, "
@@ -400,15 +412,15 @@ def _lake_markdown(results: Sequence[dict[str, Any]]) -> list[str]:
         f"training split below). Published error rates: {LAKE_PUBLISHED}.",
         "",
         "| run | error rate (%) | errors per run | trained on / validated on | inner steps test "
-        "| checkpoint |",
-        "|---|---|---|---|---|---|",
+        "| batch norm | checkpoint |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in lake:
         lines.append(
             f"| {r['run']} | {100 * r['error_rate']:.2f} "
             f"| {' '.join(map(str, r['errors_per_run']))} "
             f"| {_split_text(r, 'train')} / {_split_text(r, 'val')} | {r['inner_steps_test']} "
-            f"| {r['checkpoint']} (step {r['checkpoint_step']}) |"
+            f"| {_bn_text(bn_mode_tested(r))} | {r['checkpoint']} (step {r['checkpoint_step']}) |"
         )
     return [*lines, ""]
 
@@ -433,7 +445,7 @@ def _published_markdown(results: Sequence[dict[str, Any]]) -> list[str]:
                 f"| **ours: {r['run']}** | {r['backbone']}, width {r['width']} "
                 f"| **{format_percent(r['mean'], r['ci95'])}** | {r['episodes']} episodes, "
                 f"{r['query']} query per class, seed {r['episode_seed']}, "
-                f"{_bn_text(r['bn_mode'])} |"
+                f"{_bn_text(bn_mode_tested(r))} |"
             )
         for row in published:
             lines.append(
@@ -493,7 +505,11 @@ def _plot_accuracy(results: Sequence[dict[str, Any]], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(results) + 2), 4.5), dpi=100)
     if results:
-        labels = [f"{r['run']}\n{setting_label(r)}\n{r['split']}" for r in results]
+        labels = [
+            f"{r['run']}\n{setting_label(r)}\n{r['split']}"
+            + ("\nrunning BN" if bn_mode_tested(r) == "running" else "")
+            for r in results
+        ]
         means = [100 * r["mean"] for r in results]
         errors = [0 if r["ci95"] is None else 100 * r["ci95"] for r in results]
         positions = np.arange(len(results))

@@ -55,6 +55,7 @@ from episodes.lake import load_lake_runs
 from episodes.miniimagenet import load_miniimagenet
 from episodes.omniglot import load_omniglot
 from episodes.sampler import Episode, EpisodeSampler, FixedEpisodes
+from metafilm.backbones import RUNNING_BUFFERS
 from metafilm.checkpoint import (
     CheckpointError,
     checkpoint_sha256,
@@ -654,7 +655,8 @@ def evaluation_name(checkpoint: Path, ways: int, shots: int, settings: EvalConfi
     """File name of one evaluation: every protocol setting that changes the numbers."""
     return (
         f"{checkpoint.stem}_{settings.split}_{ways}w{shots}s_q{settings.query}"
-        f"_n{settings.episodes}_seed{settings.seed}_inner{settings.inner_steps}.json"
+        f"_n{settings.episodes}_seed{settings.seed}_inner{settings.inner_steps}"
+        f"_bn{settings.bn_mode}.json"
     )
 
 
@@ -700,7 +702,8 @@ class _Evaluation:
             "train_shots": config.data.shots,
             "train_query": config.data.query,
             "bn_mode": config.model.bn_mode,
-            "transductive_bn": config.model.bn_mode == "episode",
+            "bn_mode_test": config.eval.bn_mode,
+            "transductive_bn": config.eval.bn_mode == "episode",
             "backbone": config.model.backbone,
             "width": config.model.width,
             "backbone_mode": config.model.backbone_mode,
@@ -740,8 +743,12 @@ def _load_evaluation(
     if data_root is not None:
         raw["data"]["root"] = data_root
     config = config_from_dict(raw)
-    learner = build_learner(config)
-    learner.load_state_dict(payload["model"])
+    state = dict(payload["model"])
+    if config.eval.bn_mode != config.model.bn_mode:  # running-statistics model, episode test
+        state = {k: v for k, v in state.items() if k.rpartition(".")[2] not in RUNNING_BUFFERS}
+    tested = dataclasses.replace(config.model, bn_mode=config.eval.bn_mode)
+    learner = build_learner(dataclasses.replace(config, model=tested))
+    learner.load_state_dict(state)
     # float64: in float32, a change in the order of the sums (another thread count, another CPU)
     # flips near-tied predictions and so changes per-episode accuracies; in float64 it does not.
     learner.double()
@@ -819,12 +826,13 @@ def evaluate_lake(
     checkpoint: Path,
     *,
     inner_steps: int | None = None,
+    bn_mode: str | None = None,
     data_root: str | None = None,
     on_result: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> Path:
     """Evaluate a training checkpoint on the 20 runs of Lake et al.'s one-shot challenge (20-way
     1-shot within one evaluation alphabet, one test item per class); write
-    `<run dir>/eval/<checkpoint>_lake-runs_inner<N>.json`.
+    `<run dir>/eval/<checkpoint>_lake-runs_inner<N>_bn<mode>.json`.
 
     `accuracies` holds the accuracy of each run (k/20); the error rate of the paper, over the 400
     test items, is `1 - mean`, also stored as `error_rate` with `errors_per_run`. The images are
@@ -832,7 +840,9 @@ def evaluate_lake(
     model learned from the background alphabets alone: the record states the run's training and
     validation splits so that a reader can check it.
     """
-    loaded = _load_evaluation(checkpoint, {"inner_steps": inner_steps}, data_root)
+    loaded = _load_evaluation(
+        checkpoint, {"inner_steps": inner_steps, "bn_mode": bn_mode}, data_root
+    )
     config = loaded.config
     if config.data.dataset != "omniglot":
         raise ConfigError(
@@ -862,7 +872,8 @@ def evaluate_lake(
         errors_per_run=errors,
         accuracies=accuracies.tolist(),
     )
-    name = f"{checkpoint.stem}_{LAKE_SPLIT}_inner{config.eval.inner_steps}.json"
+    settings = config.eval
+    name = f"{checkpoint.stem}_{LAKE_SPLIT}_inner{settings.inner_steps}_bn{settings.bn_mode}.json"
     path = loaded.write(name, record)
     if on_result is not None:
         on_result(path, record)

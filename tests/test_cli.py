@@ -57,6 +57,7 @@ OPTIONS = {
         "--seed",
         "--split",
         "--inner-steps",
+        "--bn-mode",
         "--lake",
         "--data-root",
     ],
@@ -343,6 +344,46 @@ def test_train_evaluate_report_end_to_end(
             image.verify()
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.size[0] >= 500 and image.size[1] >= 300
+
+
+def test_one_run_with_running_statistics_reports_both_batch_norms(
+    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model trained with running statistics is tested either way, and its transductive test
+    is exactly that of the same training with episode batch norm (training never reads the running
+    buffers, so both runs reach the same weights)."""
+    dirs = {"data_root": data_root, "cache_dir": omniglot_cache_dir}
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY + "\n[eval]\nepisodes = 8\n")
+    runs = {mode: tmp_path / mode for mode in ("episode", "running")}
+    for mode, run in runs.items():
+        trained = metafilm("train", config, "--out", run, "--set", f"model.bn_mode={mode}", **dirs)
+        assert trained.returncode == 0, trained.stderr
+    for mode, extra in (("episode", []), ("running", []), ("running", ["--bn-mode", "episode"])):
+        tested = metafilm("evaluate", runs[mode], "--checkpoint", "last", *extra, **dirs)
+        assert tested.returncode == 0, tested.stderr
+
+    def record(mode: str, tested: str) -> dict:
+        (file,) = (runs[mode] / "eval").glob(f"last_test_5w1s_*_bn{tested}.json")
+        return json.loads(file.read_text())
+
+    transductive, running = record("running", "episode"), record("running", "running")
+    assert (transductive["bn_mode"], transductive["bn_mode_test"]) == ("running", "episode")
+    assert (running["bn_mode"], running["bn_mode_test"]) == ("running", "running")
+    assert transductive["transductive_bn"] and not running["transductive_bn"]
+    assert transductive["accuracies"] == record("episode", "episode")["accuracies"]
+    assert running["accuracies"] != transductive["accuracies"]
+
+    out = tmp_path / "report"
+    assert metafilm("report", runs["running"], "--out", out).returncode == 0
+    markdown = (out / "report.md").read_text()
+    assert "| transductive (episode statistics) |" in markdown
+    assert "| running statistics at test |" in markdown
+
+    message = in_process_error(
+        capsys, "evaluate", runs["episode"], "--bn-mode", "running", "--data-root", data_root
+    )
+    assert 'train with model.bn_mode = "running"' in message
 
 
 def test_pretrain_is_for_frozen_backbones(

@@ -38,6 +38,13 @@ def test_defaults_resolve_derived_settings() -> None:
     assert config.model.head_ways == 20
     assert config.eval.ways == (20,) and config.eval.shots == (5,)
     assert config.eval.inner_steps == 3
+    assert config.eval.bn_mode == config.model.bn_mode == "episode"
+    running = config_from_dict({"model": {"bn_mode": "running"}})
+    assert running.eval.bn_mode == "running"
+    transductive = {"model": {"bn_mode": "running"}, "eval": {"bn_mode": "episode"}}
+    assert config_from_dict(transductive).eval.bn_mode == "episode"
+    with pytest.raises(ConfigError, match='eval.bn_mode = "running" needs running statistics'):
+        config_from_dict({"eval": {"bn_mode": "running"}})
     mini = config_from_dict({"data": {"dataset": "miniimagenet"}})
     assert (mini.model.image_size, mini.model.in_channels) == (84, 3)
 

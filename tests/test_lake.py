@@ -146,7 +146,7 @@ def trained_run(data_root: Path, omniglot_cache_dir: Path, tmp_path_factory) -> 
 @pytest.mark.data
 def test_lake_evaluation_scores_each_run_by_its_own_labels(runs, trained_run: Path) -> None:
     path = evaluate_lake(trained_run / "last.pt", inner_steps=2)
-    assert path.name == "last_lake-runs_inner2.json"
+    assert path.name == "last_lake-runs_inner2_bnepisode.json"
     record = json.loads(path.read_text())
     assert (record["split"], record["ways"], record["shots"], record["episodes"]) == (
         "lake-runs",
@@ -188,9 +188,9 @@ def test_lake_evaluation_scores_each_run_by_its_own_labels(runs, trained_run: Pa
 @pytest.mark.data
 def test_lake_evaluation_from_the_command_line(trained_run: Path, data_root: Path) -> None:
     assert main(["evaluate", str(trained_run), "--lake", "--data-root", str(data_root)]) == 0
-    assert (trained_run / "eval" / "best_lake-runs_inner1.json").is_file()
+    assert (trained_run / "eval" / "best_lake-runs_inner1_bnepisode.json").is_file()
     assert main(["evaluate", str(trained_run), "--lake", "--ways", "5"]) == 1
-    record = json.loads((trained_run / "eval" / "best_lake-runs_inner1.json").read_text())
+    record = json.loads((trained_run / "eval" / "best_lake-runs_inner1_bnepisode.json").read_text())
     assert main(["report", str(trained_run)]) == 0
     report = (trained_run / "report" / "report.md").read_text()
     assert "## Lake et al. one-shot challenge" in report

@@ -509,6 +509,9 @@ def train(
         window = LogWindow(dict(checkpoint["window"]["sums"]), checkpoint["window"]["count"])
         log.info(f"resuming {run_dir} from step {step}")
     processes.broadcast_(list(learner.state_dict().values()))  # one start for all processes
+    # Running batch-norm statistics follow each process's own tasks: averaged after every step,
+    # they stay the same everywhere, so that validation and a resumed run see what is saved.
+    running_statistics = list(learner.buffers())
     build_train = input_builder(learner, sources.train_classes)
     if sources.validation is not None:
         validation_inputs = input_builder(learner, sources.val_classes)
@@ -532,6 +535,7 @@ def train(
                 config.outer,
                 reduce_gradients=processes.mean_,
             )
+            processes.mean_(running_statistics)
             metrics = processes.mean_metrics(local)
             step += 1
             diverged = _divergence(step, metrics, run_dir, saved_step)

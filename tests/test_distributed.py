@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from episodes.sampler import FixedEpisodes
 from metafilm.checkpoint import load_checkpoint
-from metafilm.config import ConfigError, config_from_dict
+from metafilm.config import ConfigError, config_from_dict, load_config
 from metafilm.distributed import (
     DEFAULT_TIMEOUT_S,
     SINGLE_PROCESS,
@@ -31,7 +32,8 @@ from metafilm.distributed import (
     task_slice,
     timeout_from_env,
 )
-from metafilm.train import train
+from metafilm.meta import input_builder
+from metafilm.train import build_learner, load_split, train, validate
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.toml"
@@ -247,6 +249,44 @@ def test_two_processes_reach_the_weights_of_one(
         assert a.keys() == b.keys()
         for key in a.keys() - {"step", "wall_time"}:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_running_statistics_stay_the_same_in_every_process(
+    data_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Each process updates batch-norm running statistics from its own tasks; they are averaged
+    every step, so the validation logged (each process scoring its share with its own statistics)
+    is that of the saved model scored by one process."""
+    out = tmp_path / "running"
+    done = subprocess.run(
+        train_command(out, "--set", "model.bn_mode=running", processes=2),
+        env=data_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    config = load_config(out / "config.toml")
+    learner = build_learner(config)
+    learner.load_state_dict(load_checkpoint(out / "last.pt")["model"])
+    classes = load_split(config.data, config.data.val_split)
+    source = FixedEpisodes(
+        classes,
+        config.data.ways,
+        config.data.shots,
+        config.data.query,
+        seed=config.train.val_seed,
+        episodes=config.train.val_episodes,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the processes ran
+    try:
+        accuracies = validate(learner, source, input_builder(learner, classes), config.adapt)
+    finally:
+        torch.set_num_threads(threads)
+    assert rows(out)[-1]["val_accuracy"] == accuracies.mean()
 
 
 def worker_pids(launcher: int) -> dict[int, int]:

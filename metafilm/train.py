@@ -747,7 +747,7 @@ def _load_evaluation(
     if data_root is not None:
         raw["data"]["root"] = data_root
     config = config_from_dict(raw)
-    state = dict(payload["model"])
+    state = payload["model"]
     if config.eval.bn_mode != config.model.bn_mode:  # running-statistics model, episode test
         state = {k: v for k, v in state.items() if k.rpartition(".")[2] not in RUNNING_BUFFERS}
     tested = dataclasses.replace(config.model, bn_mode=config.eval.bn_mode)

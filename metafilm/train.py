@@ -90,7 +90,7 @@ from metafilm.meta import (
 )
 from metafilm.pretrain import pretrain_backbone
 from metafilm.report import CONFIG_FILE, EVAL_DIR, METRICS_FILE, accuracy_summary, read_metrics
-from metafilm.specs import AdaptSpec
+from metafilm.specs import AdaptSpec, BatchNormMode
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -655,12 +655,16 @@ def resolve_checkpoint(source: str | Path, which: str = "auto") -> Path:
     raise RunError(f"{source} has no {' or '.join(names)}: train it first")
 
 
+def _test_time_suffix(settings: EvalConfig) -> str:
+    """The part of an evaluation's file name that the test-time model settings fix."""
+    return f"inner{settings.inner_steps}_bn{settings.bn_mode}.json"
+
+
 def evaluation_name(checkpoint: Path, ways: int, shots: int, settings: EvalConfig) -> str:
     """File name of one evaluation: every protocol setting that changes the numbers."""
     return (
         f"{checkpoint.stem}_{settings.split}_{ways}w{shots}s_q{settings.query}"
-        f"_n{settings.episodes}_seed{settings.seed}_inner{settings.inner_steps}"
-        f"_bn{settings.bn_mode}.json"
+        f"_n{settings.episodes}_seed{settings.seed}_{_test_time_suffix(settings)}"
     )
 
 
@@ -830,7 +834,7 @@ def evaluate_lake(
     checkpoint: Path,
     *,
     inner_steps: int | None = None,
-    bn_mode: str | None = None,
+    bn_mode: BatchNormMode | None = None,
     data_root: str | None = None,
     on_result: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> Path:
@@ -876,8 +880,7 @@ def evaluate_lake(
         errors_per_run=errors,
         accuracies=accuracies.tolist(),
     )
-    settings = config.eval
-    name = f"{checkpoint.stem}_{LAKE_SPLIT}_inner{settings.inner_steps}_bn{settings.bn_mode}.json"
+    name = f"{checkpoint.stem}_{LAKE_SPLIT}_{_test_time_suffix(config.eval)}"
     path = loaded.write(name, record)
     if on_result is not None:
         on_result(path, record)

@@ -32,12 +32,14 @@ from metafilm.report import (
     CONFIG_FILE,
     RunFiles,
     accuracy_summary,
+    bn_mode_tested,
     format_percent,
     read_run,
     setting_label,
     write_report,
 )
 from metafilm.train import (
+    BEST,
     LAST,
     Progress,
     check_run_dir,
@@ -172,7 +174,17 @@ def arm_summary(arm: Arm, run: RunFiles) -> dict[str, Any]:
 
 
 def _label(evaluation: Mapping[str, Any]) -> str:
-    return f"{evaluation['split']} {setting_label(evaluation)}"
+    """Split and setting, then each test-time choice that departs from how the run trained
+    (another checkpoint than the best, other inner steps, the other batch norm): evaluations of one
+    run differ in label, and arms tested as they trained share theirs, so they pair."""
+    parts = [evaluation["split"], setting_label(evaluation)]
+    if evaluation["checkpoint"] != BEST:
+        parts.append(Path(evaluation["checkpoint"]).stem)
+    if evaluation["inner_steps_test"] != evaluation["inner_steps_train"]:
+        parts.append(f"inner {evaluation['inner_steps_test']}")
+    if bn_mode_tested(evaluation) != evaluation["bn_mode"]:
+        parts.append(f"bn {bn_mode_tested(evaluation)}")
+    return " ".join(parts)
 
 
 def paired_differences(run: RunFiles, base: RunFiles) -> dict[str, dict[str, Any]]:

@@ -18,6 +18,7 @@ from metafilm.config import ConfigError, load_config
 from metafilm.report import RunFiles, accuracy_summary
 from metafilm.sweep import (
     Arm,
+    arm_summary,
     grid_arms,
     one_at_a_time_arms,
     paired_differences,
@@ -108,8 +109,13 @@ def test_one_at_a_time_varies_each_setting_alone_around_the_base(tiny_config: Pa
         assert [".".join(pair) for pair in changed] == [arm.settings[0].partition("=")[0]]
 
 
-def _evaluation(split: str, accuracies: list[float], seed: int = 1) -> dict:
+def _evaluation(split: str, accuracies: list[float], seed: int = 1, **test_time: object) -> dict:
     return {
+        "checkpoint": "best.pt",
+        "inner_steps_train": 1,
+        "inner_steps_test": 1,
+        "bn_mode": "running",
+        **test_time,
         "dataset": "omniglot",
         "image_size": 28,
         "split": split,
@@ -140,6 +146,31 @@ def test_an_arm_is_compared_with_the_base_episode_by_episode(tmp_path: Path) -> 
     # Pairing removes the spread of episode difficulty shared by both: far tighter than the CI of
     # either arm alone.
     assert expected_ci < accuracy_summary(base_val)["ci95"] / 2
+
+
+def test_each_test_time_choice_of_a_run_keeps_its_own_result(tmp_path: Path) -> None:
+    evaluations = [
+        _evaluation("test", [0.9, 0.8]),
+        _evaluation("test", [0.7, 0.6], bn_mode_test="episode"),
+        _evaluation("test", [0.5, 0.4], inner_steps_test=0),
+        _evaluation("test", [0.3, 0.2], checkpoint="last.pt"),
+    ]
+    base = RunFiles("base", tmp_path, None, [], evaluations)  # type: ignore[arg-type]
+    results = arm_summary(Arm(()), base)["results"]
+    assert {label: result["mean"] for label, result in results.items()} == pytest.approx(
+        {
+            "test 5-way 1-shot": 0.85,
+            "test 5-way 1-shot bn episode": 0.65,
+            "test 5-way 1-shot inner 0": 0.45,
+            "test 5-way 1-shot last": 0.25,
+        }
+    )
+    # An arm trained with the other batch norm and tested with its own pairs with the base.
+    other_bn = [_evaluation("test", [1.0, 0.9], bn_mode="episode")]
+    arm = RunFiles("arm", tmp_path, None, [], other_bn)  # type: ignore[arg-type]
+    differences = paired_differences(arm, base)
+    assert list(differences) == ["test 5-way 1-shot"]
+    assert differences["test 5-way 1-shot"]["mean"] == pytest.approx(0.1)
 
 
 @pytest.fixture

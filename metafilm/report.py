@@ -317,8 +317,9 @@ def _markdown(
     lines = [
         "# metafilm report",
         "",
-        "Accuracy: mean over the test episodes of the per-episode query accuracy, in percent; ± is "
-        f"the 95% confidence interval {CI_Z} · s / sqrt(n), s the {STD_KIND} over the n episodes.",
+        "Accuracy: mean over the evaluated episodes (of the split in each row) of the per-episode "
+        f"query accuracy, in percent; ± is the 95% confidence interval {CI_Z} · s / sqrt(n), s the "
+        f"{STD_KIND} over the n episodes.",
         "",
         "## Results",
         "",

@@ -373,6 +373,7 @@ def _markdown(
         for r in (r for r in results if r["run"] == run.name):
             lines.append(
                 f"- {setting_label(r)} on {r['split']!r}: FiLM sites {', '.join(r['film_sites'])}; "
+                f"batch norm {_bn_text(bn_mode_tested(r))}; "
                 f"checkpoint {r['checkpoint']} step {r['checkpoint_step']}, "
                 f"sha256 `{r['checkpoint_sha256']}`"
                 + (

@@ -103,7 +103,7 @@ def test_report_recomputes_from_the_saved_accuracies(tmp_path: Path) -> None:
         "transductive",
         "1 / 3",
         "conv4, width 16",
-        "FiLM sites block3, block4",
+        "FiLM sites block3, block4; batch norm transductive (episode statistics)",
         f"sha256 `{SHA}`",
         "best.pt (step 30)",
         "sample standard deviation (ddof=1)",

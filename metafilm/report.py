@@ -354,7 +354,11 @@ def _markdown(
             f"- data: {c.data.dataset}, {c.data.image_size}x{c.data.image_size}, trained on split "
             f"{c.data.train_split!r} ({c.data.ways}-way {c.data.shots}-shot, {c.data.query} query "
             f"per class, rotation augmentation {'on' if c.data.augment_rotations else 'off'}), "
-            f"validated on {c.data.val_split!r}",
+            + (
+                f"validated on {c.data.val_split!r}"
+                if c.train.val_every
+                else "not validated (its last checkpoint is tested)"
+            ),
             f"- backbone: {c.model.backbone}, width {c.model.width}, "
             + ("frozen after pretraining" if c.model.backbone_mode == "frozen" else "meta-trained"),
             f"- batch norm: bn_mode {c.model.bn_mode!r}"

@@ -16,11 +16,18 @@ from metafilm.report import FIGURES, ReportError, accuracy_summary, write_report
 SHA = "ab" * 32
 
 
-def fake_run(root: Path, name: str, evaluations: list[dict], steps: int = 40) -> Path:
+def fake_run(
+    root: Path, name: str, evaluations: list[dict], steps: int = 40, val_every: int = 10
+) -> Path:
     """A run directory as `metafilm train` and `metafilm evaluate` leave it (no checkpoints)."""
     run = root / name
     (run / "eval").mkdir(parents=True)
-    config = config_from_dict({"model": {"width": 16, "film_sites": ["block3", "block4"]}})
+    config = config_from_dict(
+        {
+            "model": {"width": 16, "film_sites": ["block3", "block4"]},
+            "train": {"val_every": val_every},
+        }
+    )
     (run / "config.toml").write_text(to_toml(config))
     rows = []
     for step in range(5, steps + 1, 5):
@@ -28,7 +35,7 @@ def fake_run(root: Path, name: str, evaluations: list[dict], steps: int = 40) ->
         for site in ("block3", "block4"):
             row[f"film_predicted/{site}"] = 0.01 * step
             row[f"film_adapted/{site}"] = 0.012 * step
-        if step % 10 == 0:
+        if val_every and step % val_every == 0:
             row.update(val_accuracy=0.9 - 1 / step, val_ci95=0.02)
         rows.append(row)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4')
@@ -123,14 +130,18 @@ def test_report_recomputes_from_the_saved_accuracies(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_several_runs_share_one_report_even_untested_ones(tmp_path: Path) -> None:
     a = fake_run(tmp_path, "a", [{"ways": 5, "shots": 1, "accuracies": [0.5, 0.7]}])
-    b = fake_run(tmp_path, "b", [{"ways": 5, "shots": 1, "accuracies": [0.6, 0.9]}])
+    b = fake_run(tmp_path, "b", [{"ways": 5, "shots": 1, "accuracies": [0.6, 0.9]}], val_every=0)
     untested = fake_run(tmp_path, "untested", [])
     out = tmp_path / "all"
     write_report([a, b, untested], out)
     document = json.loads((out / "report.json").read_text())
     assert [r["run"] for r in document["results"]] == ["a", "b"]
     assert [r["name"] for r in document["runs"]] == ["a", "b", "untested"]
-    assert "### untested" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "### untested" in markdown
+    protocols = {run: markdown.split(f"### {run}")[1].split("###")[0] for run in ("a", "b")}
+    assert "validated on 'val'" in protocols["a"]
+    assert "not validated (its last checkpoint is tested)" in protocols["b"]
     assert all((out / name).stat().st_size > 1000 for name in FIGURES)
     write_report([untested], tmp_path / "none")
     assert "No evaluation yet" in (tmp_path / "none" / "report.md").read_text()

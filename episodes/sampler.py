@@ -172,13 +172,16 @@ class _Draw:
     sizes: np.ndarray  # int64 [num_classes]: images per class
     equal_sizes: bool
     augment_rotations: bool
+    alphabets: tuple[np.ndarray, ...] | None  # class ids per eligible alphabet; None: any class
 
     def tasks(self, keys: Sequence[Sequence[int]]) -> IndexEpisode:
         """One task per key; each task's draws come from `numpy.random.default_rng(key)` only.
 
-        Per task: the classes (random order, so labels are shuffled), one uniform key per image of
-        each class (argsorted: a uniform random ordering of the class's images, whose first
-        `shots` go to support and next `query` to query), then the rotations when augmenting.
+        Per task: the classes (random order, so labels are shuffled; within-alphabet tasks first
+        draw one eligible alphabet uniformly, then classes of it alone), one uniform key per
+        image of each class (argsorted: a uniform random ordering of the class's images, whose
+        first `shots` go to support and next `query` to query), then the rotations when
+        augmenting.
         """
         n_tasks, ways, per_class = len(keys), self.ways, self.shots + self.query
         width = int(self.sizes.max())
@@ -187,7 +190,11 @@ class _Draw:
         rotations = np.zeros((n_tasks, ways), dtype=np.int64)
         for t, key in enumerate(keys):
             rng = np.random.default_rng(key)
-            chosen[t] = rng.choice(len(self.sizes), size=ways, replace=False)
+            if self.alphabets is None:
+                chosen[t] = rng.choice(len(self.sizes), size=ways, replace=False)
+            else:
+                alphabet = self.alphabets[rng.integers(len(self.alphabets))]
+                chosen[t] = rng.choice(alphabet, size=ways, replace=False)
             rng.random(out=image_keys[t])
             if self.augment_rotations:
                 rotations[t] = rng.integers(0, 4, size=ways)
@@ -231,8 +238,35 @@ def _require_positive(name: str, value: object) -> int:
     return int(value)
 
 
+def _alphabets_with(classes: ClassImages, ways: int) -> tuple[np.ndarray, ...]:
+    """Class ids of each alphabet (the first part of an `Alphabet/characterNN[/rotDDD]` class
+    name) that has at least `ways` classes, for within-alphabet tasks."""
+    if not all("/" in name for name in classes.names):
+        raise ValueError(
+            "within_alphabet needs class names 'Alphabet/characterNN' (Omniglot); this split's "
+            f"classes are named like {classes.names[0]!r}"
+        )
+    alphabet_of = [name.split("/", 1)[0] for name in classes.names]
+    members: dict[str, list[int]] = {}
+    for class_id, alphabet in enumerate(alphabet_of):
+        members.setdefault(alphabet, []).append(class_id)
+    eligible = tuple(np.array(ids, dtype=np.int64) for ids in members.values() if len(ids) >= ways)
+    if not eligible:
+        largest = max(len(ids) for ids in members.values())
+        raise ValueError(
+            f"within_alphabet: no alphabet of this split has ways={ways} classes (the largest has "
+            f"{largest}); use ways <= {largest}"
+        )
+    return eligible
+
+
 def _draw_for(
-    classes: ClassImages, ways: int, shots: int, query: int, augment_rotations: bool
+    classes: ClassImages,
+    ways: int,
+    shots: int,
+    query: int,
+    augment_rotations: bool,
+    within_alphabet: bool,
 ) -> _Draw:
     """Validate an episode shape against a split and keep the sizes needed to draw from it."""
     ways = _require_positive("ways", ways)
@@ -263,6 +297,7 @@ def _draw_for(
         sizes=sizes,
         equal_sizes=bool((sizes == sizes[0]).all()),
         augment_rotations=augment_rotations,
+        alphabets=_alphabets_with(classes, ways) if within_alphabet else None,
     )
 
 
@@ -291,6 +326,8 @@ class EpisodeSampler(_EpisodeSource):
     same turn for all its images in the task); with it off, the same seed draws the same classes
     and images as with it on. On splits that already hold rotated copies of a class (Omniglot's
     Vinyals split) an augmented class can look like another class of the split.
+    `within_alphabet=True` draws every task's classes from one Omniglot alphabet (Lake et al.'s
+    within-alphabet tasks, harder than classes from the whole split).
     """
 
     def __init__(
@@ -302,8 +339,9 @@ class EpisodeSampler(_EpisodeSource):
         *,
         seed: int,
         augment_rotations: bool = False,
+        within_alphabet: bool = False,
     ) -> None:
-        self._draw = _draw_for(classes, ways, shots, query, augment_rotations)
+        self._draw = _draw_for(classes, ways, shots, query, augment_rotations, within_alphabet)
         self.seed = _require_key_word("seed", seed)
 
     def sample(
@@ -327,12 +365,25 @@ class EpisodeSampler(_EpisodeSource):
 
 
 class FixedEpisodes(_EpisodeSource):
-    """A fixed evaluation set of `episodes` tasks; episode `i` is a function of `(seed, i)` only."""
+    """A fixed evaluation set of `episodes` tasks; episode `i` is a function of `(seed, i)` only.
+
+    `within_alphabet=True` draws each episode's classes from one Omniglot alphabet.
+    """
 
     def __init__(
-        self, classes: ClassImages, ways: int, shots: int, query: int, *, seed: int, episodes: int
+        self,
+        classes: ClassImages,
+        ways: int,
+        shots: int,
+        query: int,
+        *,
+        seed: int,
+        episodes: int,
+        within_alphabet: bool = False,
     ) -> None:
-        self._draw = _draw_for(classes, ways, shots, query, augment_rotations=False)
+        self._draw = _draw_for(
+            classes, ways, shots, query, augment_rotations=False, within_alphabet=within_alphabet
+        )
         self.seed = _require_key_word("seed", seed)
         self.episodes = _require_positive("episodes", episodes)
         if self.episodes > _KEY_WORD_LIMIT:

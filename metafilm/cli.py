@@ -19,7 +19,7 @@ from tqdm import tqdm
 from episodes import CacheError, ChecksumError, DownloadError, load_omniglot
 from metafilm.config import ConfigError, load_config
 from metafilm.distributed import process_group
-from metafilm.report import ReportError, accuracy_summary, write_report
+from metafilm.report import ReportError, accuracy_summary, episode_classes, write_report
 from metafilm.sweep import Arm, run_sweep
 from metafilm.train import (
     USER_ERRORS,
@@ -166,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_parser.add_argument(
         "--split", metavar="SPLIT", help="dataset split to test on (e.g. test, val)"
+    )
+    eval_parser.add_argument(
+        "--alphabets",
+        nargs="+",
+        metavar="ALPHABET",
+        help="Omniglot: test on these alphabets of the split alone (e.g. a run's held-out "
+        "validation alphabets: --split background --alphabets Balinese Tifinagh ...)",
+    )
+    eval_parser.add_argument(
+        "--within-alphabet",
+        action="store_true",
+        default=None,
+        help="Omniglot: draw each episode's classes from one alphabet (Lake et al.'s "
+        "within-alphabet tasks)",
     )
     eval_parser.add_argument(
         "--inner-steps",
@@ -319,6 +333,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         "episodes": args.episodes,
         "seed": args.seed,
         "split": args.split,
+        "alphabets": args.alphabets,
+        "within_alphabet": args.within_alphabet,
         "inner_steps": args.inner_steps,
         "bn_mode": args.bn_mode,
     }
@@ -335,7 +351,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         summary = accuracy_summary(record["accuracies"])
         ci = "" if summary["ci95"] is None else f" ± {100 * summary['ci95']:.2f}"
         print(
-            f"{record['ways']}-way {record['shots']}-shot on {record['split']!r}: "
+            f"{record['ways']}-way {record['shots']}-shot on {episode_classes(record)}: "
             f"{100 * summary['mean']:.2f}%{ci} over {summary['episodes']} episodes -> {path}"
         )
 

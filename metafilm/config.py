@@ -72,6 +72,9 @@ class DataConfig:
     val_alphabets: tuple[str, ...] | None = None
     """Omniglot only: validate on these alphabets of `val_split` alone, e.g. background alphabets
     held out of training (the protocol of Lake et al.'s one-shot runs); None: all of them."""
+    within_alphabet: bool = False
+    """Omniglot only: draw each training and validation task's classes from one alphabet (as in
+    Lake et al.'s one-shot runs), not from the whole split."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,11 @@ class EvalConfig:
     """Defaults of `metafilm evaluate`: the fixed test episodes and the test-time inner loop."""
 
     split: str = "test"
+    alphabets: tuple[str, ...] | None = None
+    """Omniglot only: test on these alphabets of `split` alone (e.g. a run's held-out validation
+    alphabets); None: all of them."""
+    within_alphabet: bool = False
+    """Omniglot only: draw each test episode's classes from one alphabet."""
     ways: tuple[int, ...] | None = None
     """None: the training ways."""
     shots: tuple[int, ...] | None = None
@@ -375,7 +383,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
                 f"{key} = {_show(split)} is not a split of {data.dataset}{hint}; "
                 f"splits are {', '.join(dataset['splits'])}"
             )
-    _check_alphabets(data)
+    _check_alphabets(data, parts["eval"])
     if data.image_size is None:
         data = dataclasses.replace(data, image_size=dataset["image_size"])
     model = dataclasses.replace(
@@ -412,16 +420,21 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     )
 
 
-def _check_alphabets(data: DataConfig) -> None:
+def _check_alphabets(data: DataConfig, evaluation: EvalConfig) -> None:
     """Alphabets select Omniglot characters; validating on training characters is refused."""
-    chosen = [key for key in ("train_alphabets", "val_alphabets") if getattr(data, key)]
+    settings = {
+        "data.train_alphabets": data.train_alphabets,
+        "data.val_alphabets": data.val_alphabets,
+        "data.within_alphabet": data.within_alphabet,
+        "eval.alphabets": evaluation.alphabets,
+        "eval.within_alphabet": evaluation.within_alphabet,
+    }
+    chosen = [key for key, value in settings.items() if value]
     if chosen and data.dataset != "omniglot":
-        raise ConfigError(
-            f"data.{chosen[0]} selects Omniglot alphabets; remove it for {data.dataset}"
-        )
-    for key in ("train_alphabets", "val_alphabets"):
-        if getattr(data, key) == ():
-            raise ConfigError(f'data.{key} is empty; list alphabet names, or "none" for all')
+        raise ConfigError(f"{chosen[0]} is about Omniglot alphabets; remove it for {data.dataset}")
+    for key, value in settings.items():
+        if value == ():
+            raise ConfigError(f'{key} is empty; list alphabet names, or "none" for all')
     if data.train_split == data.val_split and data.train_alphabets is not None:
         train, val = set(data.train_alphabets), set(data.val_alphabets or ())
         if data.val_alphabets is None or train & val:

@@ -338,7 +338,7 @@ def _markdown(
                 trained += " (differs from test)"
             lines.append(
                 f"| {r['run']} | {setting_label(r)} | {format_percent(r['mean'], r['ci95'])} "
-                f"| {r['episodes']} | {r['query']} | {r['episode_seed']} | {r['split']} "
+                f"| {r['episodes']} | {r['query']} | {r['episode_seed']} | {episode_classes(r)} "
                 f"| {trained} | {r['inner_steps_train']} / {r['inner_steps_test']} "
                 f"| {_bn_text(bn_mode_tested(r))} "
                 f"| {r['checkpoint']} (step {r['checkpoint_step']}) |"
@@ -353,7 +353,8 @@ def _markdown(
             f"- run directory: `{run.path}`",
             f"- data: {c.data.dataset}, {c.data.image_size}x{c.data.image_size}, trained on split "
             f"{c.data.train_split!r} ({c.data.ways}-way {c.data.shots}-shot, {c.data.query} query "
-            f"per class, rotation augmentation {'on' if c.data.augment_rotations else 'off'}), "
+            f"per class{', each task within one alphabet' if c.data.within_alphabet else ''}, "
+            f"rotation augmentation {'on' if c.data.augment_rotations else 'off'}), "
             + (
                 f"validated on {c.data.val_split!r}"
                 if c.train.val_every
@@ -397,6 +398,17 @@ def _markdown(
 
 LAKE_PUBLISHED = "people 4.5%, Bayesian Program Learning 3.3%, a deep Siamese convnet 8.0%"
 """Error rates on the Lake et al. (2015) one-shot runs, as published there."""
+
+
+def episode_classes(result: dict[str, Any]) -> str:
+    """Where an evaluation's episodes drew their classes: the split, the alphabets chosen of it
+    and whether each episode kept to one alphabet."""
+    text = result["split"]
+    if result.get("alphabets") is not None:
+        text += f" ({len(result['alphabets'])} alphabets)"
+    if result.get("within_alphabet"):
+        text += ", within alphabet"
+    return text
 
 
 def _split_text(result: dict[str, Any], which: str) -> str:
@@ -512,7 +524,7 @@ def _plot_accuracy(results: Sequence[dict[str, Any]], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(results) + 2), 4.5), dpi=100)
     if results:
         labels = [
-            f"{r['run']}\n{setting_label(r)}\n{r['split']}"
+            f"{r['run']}\n{setting_label(r)}\n{episode_classes(r)}"
             + ("\nrunning BN" if bn_mode_tested(r) == "running" else "")
             for r in results
         ]

@@ -33,6 +33,7 @@ from metafilm.report import (
     RunFiles,
     accuracy_summary,
     bn_mode_tested,
+    episode_classes,
     format_percent,
     read_run,
     setting_label,
@@ -60,8 +61,19 @@ EPISODE_KEYS = (
     "episodes",
     "episode_seed",
 )
-"""The fields of an evaluation record that fix its episodes: two records that agree on all of
-them were computed on the same episodes, so their accuracies pair up episode by episode."""
+"""The fields of an evaluation record that fix its episodes, with its alphabets (`_episodes_of`):
+two records that agree on all of them were computed on the same episodes, so their accuracies
+pair up episode by episode."""
+
+
+def _episodes_of(evaluation: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What fixes an evaluation's episodes (records from before alphabets could be chosen drew
+    from the whole split)."""
+    return (
+        *(evaluation[key] for key in EPISODE_KEYS),
+        tuple(sorted(evaluation.get("alphabets") or ())),
+        bool(evaluation.get("within_alphabet")),
+    )
 
 
 @dataclass(frozen=True)
@@ -177,7 +189,7 @@ def _label(evaluation: Mapping[str, Any]) -> str:
     """Split and setting, then each test-time choice that departs from how the run trained
     (another checkpoint than the best, other inner steps, the other batch norm): evaluations of one
     run differ in label, and arms tested as they trained share theirs, so they pair."""
-    parts = [evaluation["split"], setting_label(evaluation)]
+    parts = [episode_classes(evaluation), setting_label(evaluation)]
     if evaluation["checkpoint"] != BEST:
         parts.append(Path(evaluation["checkpoint"]).stem)
     if evaluation["inner_steps_test"] != evaluation["inner_steps_train"]:
@@ -194,7 +206,7 @@ def paired_differences(run: RunFiles, base: RunFiles) -> dict[str, dict[str, Any
     differences = {}
     for evaluation in run.evaluations:
         other = bases.get(_label(evaluation))
-        if other is not None and all(evaluation[k] == other[k] for k in EPISODE_KEYS):
+        if other is not None and _episodes_of(evaluation) == _episodes_of(other):
             differences[_label(evaluation)] = accuracy_summary(
                 np.subtract(evaluation["accuracies"], other["accuracies"])
             )

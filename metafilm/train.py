@@ -34,6 +34,7 @@ and changes the run directory; every process reads the same checkpoint to resume
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -420,6 +421,7 @@ def _load_sources(config: RunConfig) -> _Sources:
             data.query,
             seed=settings.seed,
             augment_rotations=data.augment_rotations,
+            within_alphabet=data.within_alphabet,
         ),
     )
     if not settings.val_every:
@@ -435,6 +437,7 @@ def _load_sources(config: RunConfig) -> _Sources:
             data.query,
             seed=settings.val_seed,
             episodes=settings.val_episodes,
+            within_alphabet=data.within_alphabet,
         ),
     )
     return _Sources(train_classes, sampler, val_classes, validation)
@@ -661,9 +664,17 @@ def _test_time_suffix(settings: EvalConfig) -> str:
 
 
 def evaluation_name(checkpoint: Path, ways: int, shots: int, settings: EvalConfig) -> str:
-    """File name of one evaluation: every protocol setting that changes the numbers."""
+    """File name of one evaluation: every protocol setting that changes the numbers (a chosen
+    set of alphabets appears as its count and a short hash of its names)."""
+    classes = settings.split
+    if settings.alphabets is not None:
+        names = "\n".join(sorted(settings.alphabets)).encode("utf-8")
+        digest = hashlib.sha256(names).hexdigest()[:8]
+        classes += f"-{len(settings.alphabets)}alphabets-{digest}"
+    if settings.within_alphabet:
+        classes += "-within"
     return (
-        f"{checkpoint.stem}_{settings.split}_{ways}w{shots}s_q{settings.query}"
+        f"{checkpoint.stem}_{classes}_{ways}w{shots}s_q{settings.query}"
         f"_n{settings.episodes}_seed{settings.seed}_{_test_time_suffix(settings)}"
     )
 
@@ -786,7 +797,7 @@ def evaluate_checkpoint(
             f"eval.ways = {list(settings.ways)}: this run's linear head has {config.data.ways} "
             f"outputs, so it can only be tested {config.data.ways}-way"
         )
-    classes = load_split(config.data, settings.split)
+    classes = load_split(config.data, settings.split, settings.alphabets)
     build = input_builder(loaded.learner, classes)
     sources = {
         (ways, shots): episodes_fitting(
@@ -799,6 +810,7 @@ def evaluate_checkpoint(
                 settings.query,
                 seed=settings.seed,
                 episodes=settings.episodes,
+                within_alphabet=settings.within_alphabet,
             ),
         )
         for ways in settings.ways
@@ -813,6 +825,8 @@ def evaluate_checkpoint(
         accuracies = evaluate(loaded.learner, fixed_batches(source, build), loaded.adapt())
         record = loaded.record(
             split=settings.split,
+            alphabets=settings.alphabets,
+            within_alphabet=settings.within_alphabet,
             ways=ways,
             shots=shots,
             query=settings.query,

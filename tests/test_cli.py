@@ -56,6 +56,8 @@ OPTIONS = {
         "--episodes",
         "--seed",
         "--split",
+        "--alphabets",
+        "--within-alphabet",
         "--inner-steps",
         "--bn-mode",
         "--lake",

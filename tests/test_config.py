@@ -136,7 +136,12 @@ def test_alphabets_are_omniglot_only_and_validation_never_sees_training_characte
     assert "share Latin" in error_of({"data": {**held_out, **overlap}})
     assert "data.val_alphabets is empty" in error_of({"data": {"val_alphabets": []}})
     message = error_of({"data": {"dataset": "miniimagenet", "train_alphabets": ["Greek"]}})
-    assert message.startswith("data.train_alphabets selects Omniglot alphabets")
+    assert message.startswith("data.train_alphabets is about Omniglot alphabets")
+    message = error_of({"data": {"dataset": "miniimagenet"}, "eval": {"within_alphabet": True}})
+    assert message.startswith("eval.within_alphabet is about Omniglot alphabets")
+    assert "eval.alphabets is empty" in error_of({"eval": {"alphabets": []}})
+    config = config_from_dict({"data": {"within_alphabet": True}, "eval": {"alphabets": ["Greek"]}})
+    assert (config.data.within_alphabet, config.eval.alphabets) == (True, ("Greek",))
 
 
 def test_optional_values_and_single_numbers() -> None:

@@ -119,7 +119,8 @@ def test_corrupt_zip_is_a_clear_error(data_root, tmp_path, damage):
 
 @pytest.fixture(scope="module")
 def trained_run(data_root: Path, omniglot_cache_dir: Path, tmp_path_factory) -> Path:
-    """A small model trained a few steps on the background alphabets (the paper's protocol)."""
+    """A small model trained a few steps on the background alphabets (the paper's protocol),
+    each task within one alphabet."""
     alphabets = omniglot_alphabets(data_root, "background")
     config = config_from_dict(
         {
@@ -132,6 +133,7 @@ def trained_run(data_root: Path, omniglot_cache_dir: Path, tmp_path_factory) -> 
                 "val_alphabets": list(alphabets[-5:]),
                 "ways": 5,
                 "query": 2,
+                "within_alphabet": True,
             },
             "model": {"width": 8},
             "outer": {"meta_batch_size": 2},
@@ -199,3 +201,25 @@ def test_lake_evaluation_from_the_command_line(trained_run: Path, data_root: Pat
         in report
     )
     assert "| background (25 alphabets) / background (5 alphabets) |" in report
+    assert "2 query per class, each task within one alphabet" in report
+
+
+@pytest.mark.data
+def test_held_out_alphabets_are_evaluated_within_alphabet(trained_run: Path) -> None:
+    """The Lake-style validation protocol: 20-way 1-shot episodes on the held-out background
+    alphabets, each episode within one of them; its file and report row say so."""
+    val_alphabets = config_from_dict(load_checkpoint(trained_run / "best.pt")["config"])
+    val_alphabets = list(val_alphabets.data.val_alphabets)
+    common = ["evaluate", str(trained_run), "--split", "background", "--ways", "20"]
+    common += ["--episodes", "4", "--alphabets", *val_alphabets]
+    assert main([*common, "--within-alphabet"]) == 0
+    assert main(common) == 0
+    files = sorted(p.name for p in (trained_run / "eval").glob("best_background-5alphabets-*"))
+    assert len(files) == 2 and files[0].replace("-within", "") == files[1]
+    within = json.loads((trained_run / "eval" / files[0]).read_text())
+    assert (within["alphabets"], within["within_alphabet"]) == (val_alphabets, True)
+    assert main(["report", str(trained_run)]) == 0
+    report = (trained_run / "report" / "report.md").read_text()
+    assert "| background (5 alphabets), within alphabet |" in report
+    assert "| background (5 alphabets) |" in report
+    assert main([*common[:-6], "--alphabets", "Klingon"]) == 1

@@ -268,6 +268,46 @@ def test_bad_sample_and_index_arguments_are_refused():
         next(fixed.batches(0))
 
 
+# ---- within-alphabet tasks ---------------------------------------------------------------------
+
+
+def with_alphabets(sizes: dict[str, int]) -> ClassImages:
+    """Synthetic classes named `Alphabet/characterNN`, `sizes[alphabet]` characters each."""
+    names = [f"{alphabet}/character{i:02d}" for alphabet, n in sizes.items() for i in range(n)]
+    images = synthetic([6] * len(names))
+    return ClassImages(images.images, images.offsets, tuple(names))
+
+
+def test_within_alphabet_tasks_keep_to_one_alphabet_large_enough_for_the_ways():
+    classes = with_alphabets({"Alpha": 8, "Beta": 3, "Gamma": 5, "Delta": 6})
+    alphabet_of = [name.split("/")[0] for name in classes.names]
+    sampler = EpisodeSampler(classes, 5, 1, 2, seed=0, within_alphabet=True)
+    fixed = FixedEpisodes(classes, 5, 1, 2, seed=0, episodes=300, within_alphabet=True)
+    for ep in (sampler.sample(0, 300), next(fixed.batches(300))):
+        per_task = [{alphabet_of[c] for c in task.tolist()} for task in ep.classes]
+        assert all(len(alphabets) == 1 for alphabets in per_task)
+        drawn = [alphabets.pop() for alphabets in per_task]
+        # Beta has too few characters for 5-way tasks; the other three are drawn alike
+        assert set(drawn) == {"Alpha", "Gamma", "Delta"}
+        assert all(80 <= drawn.count(alphabet) <= 120 for alphabet in ("Alpha", "Gamma", "Delta"))
+        # classes of a task are distinct and their images belong to them
+        assert all(len(set(task.tolist())) == 5 for task in ep.classes)
+        class_of = classes.class_of()
+        assert torch.equal(class_of[ep.query_idx], torch.gather(ep.classes, 1, ep.query_y))
+    # without the option the same split mixes alphabets
+    mixed = EpisodeSampler(classes, 5, 1, 2, seed=0).sample(0, 50)
+    assert any(len({alphabet_of[c] for c in task.tolist()}) > 1 for task in mixed.classes)
+
+
+def test_within_alphabet_needs_alphabet_names_and_a_large_enough_alphabet():
+    with pytest.raises(ValueError, match=r"no alphabet of this split has ways=9 .*largest has 8"):
+        EpisodeSampler(
+            with_alphabets({"Alpha": 8, "Beta": 3}), 9, 1, 1, seed=0, within_alphabet=True
+        )
+    with pytest.raises(ValueError, match="needs class names 'Alphabet/characterNN'.*'class0'"):
+        FixedEpisodes(EQUAL, 5, 1, 1, seed=0, episodes=1, within_alphabet=True)
+
+
 # ---- real Omniglot -----------------------------------------------------------------------------
 
 
@@ -297,6 +337,19 @@ def test_omniglot_20_way_5_shot_meta_batch(omniglot_trainval):
     k = int(ep.rotations[t, ep.support_y[t, e]])
     stored = classes.images[ep.support_idx[t, e]].float() / 255
     assert torch.equal(batch.support_x[t, e], torch.rot90(stored, k, dims=(1, 2)))
+
+
+@pytest.mark.data
+def test_omniglot_within_alphabet_episodes_span_the_alphabets(omniglot_trainval):
+    classes = omniglot_trainval
+    alphabet_of = [name.split("/")[0] for name in classes.names]
+    episodes = FixedEpisodes(classes, 20, 1, 1, seed=1, episodes=400, within_alphabet=True)
+    drawn = [
+        {alphabet_of[c] for c in task.tolist()} for task in next(episodes.batches(400)).classes
+    ]
+    assert all(len(alphabets) == 1 for alphabets in drawn)
+    # rotations count as classes of their alphabet, so each of the 38 trainval alphabets has 20
+    assert len(set().union(*drawn)) == len(set(alphabet_of)) == 38
 
 
 @pytest.mark.data

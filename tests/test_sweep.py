@@ -173,6 +173,34 @@ def test_each_test_time_choice_of_a_run_keeps_its_own_result(tmp_path: Path) -> 
     assert differences["test 5-way 1-shot"]["mean"] == pytest.approx(0.1)
 
 
+def test_episodes_of_chosen_alphabets_pair_only_with_the_same_alphabets(tmp_path: Path) -> None:
+    held_out = {"alphabets": ["Balinese", "Tifinagh"], "within_alphabet": True}
+
+    def run(name: str, *evaluations: dict) -> RunFiles:
+        return RunFiles(name, tmp_path, None, [], list(evaluations))  # type: ignore[arg-type]
+
+    base = run(
+        "base",
+        _evaluation("background", [0.5, 0.6]),  # a record from before alphabets were recorded
+        _evaluation("background", [0.8, 0.9], **held_out),
+    )
+    other_alphabets = {"alphabets": ["Balinese", "Korean"], "within_alphabet": True}
+    arm = run(
+        "arm",
+        _evaluation("background", [0.7, 0.7], alphabets=None, within_alphabet=False),
+        _evaluation("background", [1.0, 1.0], **held_out),
+    )
+    differences = paired_differences(arm, base)
+    assert {label: d["mean"] for label, d in differences.items()} == pytest.approx(
+        {
+            "background 5-way 1-shot": 0.15,
+            "background (2 alphabets), within alphabet 5-way 1-shot": 0.15,
+        }
+    )
+    stranger = run("stranger", _evaluation("background", [1.0, 1.0], **other_alphabets))
+    assert paired_differences(stranger, base) == {}
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     config = tmp_path / "tiny.toml"

@@ -421,7 +421,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
 
 
 def _check_alphabets(data: DataConfig, evaluation: EvalConfig) -> None:
-    """Alphabets select Omniglot characters; validating on training characters is refused."""
+    """Alphabet settings are Omniglot's alone; validating on training characters is refused."""
     settings = {
         "data.train_alphabets": data.train_alphabets,
         "data.val_alphabets": data.val_alphabets,

@@ -403,18 +403,16 @@ LAKE_PUBLISHED = "people 4.5%, Bayesian Program Learning 3.3%, a deep Siamese co
 def episode_classes(result: dict[str, Any]) -> str:
     """Where an evaluation's episodes drew their classes: the split, the alphabets chosen of it
     and whether each episode kept to one alphabet."""
-    text = result["split"]
-    if result.get("alphabets") is not None:
-        text += f" ({len(result['alphabets'])} alphabets)"
-    if result.get("within_alphabet"):
-        text += ", within alphabet"
-    return text
+    text = _with_alphabets(result["split"], result.get("alphabets"))
+    return text + (", within alphabet" if result.get("within_alphabet") else "")
+
+
+def _with_alphabets(split: str, alphabets: Sequence[str] | None) -> str:
+    return split if alphabets is None else f"{split} ({len(alphabets)} alphabets)"
 
 
 def _split_text(result: dict[str, Any], which: str) -> str:
-    alphabets = result.get(f"{which}_alphabets")
-    split = result[f"{which}_split"]
-    return split if alphabets is None else f"{split} ({len(alphabets)} alphabets)"
+    return _with_alphabets(result[f"{which}_split"], result.get(f"{which}_alphabets"))
 
 
 def _lake_markdown(results: Sequence[dict[str, Any]]) -> list[str]:

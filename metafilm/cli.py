@@ -351,7 +351,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         summary = accuracy_summary(record["accuracies"])
         ci = "" if summary["ci95"] is None else f" ± {100 * summary['ci95']:.2f}"
         print(
-            f"{record['ways']}-way {record['shots']}-shot on {episode_classes(record)}: "
+            f"{record['ways']}-way {record['shots']}-shot on {episode_classes(record)!r}: "
             f"{100 * summary['mean']:.2f}%{ci} over {summary['episodes']} episodes -> {path}"
         )
 

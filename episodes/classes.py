@@ -12,6 +12,11 @@ def to_pixels(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return images.to(dtype).div_(255)
 
 
+def alphabet_of(class_name: str) -> str:
+    """The Omniglot alphabet of a class named `Alphabet/characterNN[/rotDDD]`."""
+    return class_name.split("/", 1)[0]
+
+
 @dataclass(frozen=True)
 class ClassImages:
     """Images of a split grouped by class, stored contiguously class after class.

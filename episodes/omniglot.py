@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from episodes.classes import ClassImages
+from episodes.classes import ClassImages, alphabet_of
 from episodes.download import OMNIGLOT_ORIGINALS, download_omniglot
 from episodes.integrity import (
     CacheError,
@@ -217,7 +217,7 @@ def omniglot_alphabets(
             raise FileNotFoundError(_layout_message(folder, f"Omniglot file not found: {path}"))
         with zipfile.ZipFile(path) as archive:
             characters = list(_group_members(archive.namelist()))
-    return tuple(sorted({character.split("/")[0] for character in characters}))
+    return tuple(sorted({alphabet_of(character) for character in characters}))
 
 
 def _check_split(split: str) -> None:
@@ -286,14 +286,14 @@ def _select_alphabets(
         raise TypeError(f"alphabets must be a list of alphabet names, not the string {alphabets!r}")
     if not alphabets:
         raise ValueError("alphabets is empty; pass alphabet names, or None for the whole split")
-    available = sorted({character.split("/")[0] for character, _ in classes})
+    available = sorted({alphabet_of(character) for character, _ in classes})
     unknown = sorted(set(alphabets) - set(available))
     if unknown:
         raise ValueError(
             f"alphabets {unknown} are not in split {split!r}; its alphabets: {', '.join(available)}"
         )
     wanted = set(alphabets)
-    return [(character, turns) for character, turns in classes if character.split("/")[0] in wanted]
+    return [(character, turns) for character, turns in classes if alphabet_of(character) in wanted]
 
 
 def _group_members(members: Sequence[str]) -> dict[str, list[str]]:

@@ -24,7 +24,7 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from episodes.classes import ClassImages, to_pixels
+from episodes.classes import ClassImages, alphabet_of, to_pixels
 
 _TRAIN_DOMAIN = 0x6D665452  # "mfTR": first word of every training task key
 _EVAL_DOMAIN = 0x6D664556  # "mfEV": first word of every evaluation episode key
@@ -246,10 +246,9 @@ def _alphabets_with(classes: ClassImages, ways: int) -> tuple[np.ndarray, ...]:
             "within_alphabet needs class names 'Alphabet/characterNN' (Omniglot); this split's "
             f"classes are named like {classes.names[0]!r}"
         )
-    alphabet_of = [name.split("/", 1)[0] for name in classes.names]
     members: dict[str, list[int]] = {}
-    for class_id, alphabet in enumerate(alphabet_of):
-        members.setdefault(alphabet, []).append(class_id)
+    for class_id, name in enumerate(classes.names):
+        members.setdefault(alphabet_of(name), []).append(class_id)
     eligible = tuple(np.array(ids, dtype=np.int64) for ids in members.values() if len(ids) >= ways)
     if not eligible:
         largest = max(len(ids) for ids in members.values())

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from episodes.classes import ClassImages, alphabet_of, to_pixels
+from episodes.distort import apply_affines, draw_affines
 
 _TRAIN_DOMAIN = 0x6D665452  # "mfTR": first word of every training task key
 _EVAL_DOMAIN = 0x6D664556  # "mfEV": first word of every evaluation episode key
@@ -39,7 +40,9 @@ class IndexEpisode:
     `query_y` (0..ways-1, same shapes) are int64 in the class-major layout of this module.
     `classes [tasks, ways]` holds the class id of each label; `rotations [tasks, ways]` the
     counter-clockwise quarter turns `gather` applies to every image of that label (zeros when
-    rotation augmentation is off).
+    rotation augmentation is off). `affines [tasks, ways, shots + query, 2, 3]` (None when affine
+    augmentation is off) holds the distortion `gather` applies after the turn to each image of a
+    label: its support images first, then its query images (see :mod:`episodes.distort`).
     """
 
     support_idx: torch.Tensor
@@ -48,6 +51,7 @@ class IndexEpisode:
     query_y: torch.Tensor
     classes: torch.Tensor
     rotations: torch.Tensor
+    affines: torch.Tensor | None = None
 
     @property
     def tasks(self) -> int:
@@ -130,7 +134,8 @@ class Episode:
 def gather(
     classes: ClassImages, index_episode: IndexEpisode, dtype: torch.dtype = torch.float32
 ) -> Episode:
-    """Turn index episodes into `dtype` images in [0, 1], applying the per-label rotations.
+    """Turn index episodes into `dtype` images in [0, 1], applying the per-label rotations and
+    the per-image affine distortions.
 
     Support and query rows of all tasks are fetched with one `index_select` into one buffer and
     converted with one division, so both halves are contiguous views of that buffer.
@@ -150,6 +155,14 @@ def gather(
             rows = (per_image == quarter_turns).nonzero().squeeze(1)
             images[rows] = torch.rot90(images[rows], quarter_turns, dims=(2, 3))
     pixels = to_pixels(images, dtype)
+    if ep.affines is not None:
+        per_image = torch.cat(
+            [
+                ep.affines[:, :, : ep.shots].reshape(-1, 2, 3),
+                ep.affines[:, :, ep.shots :].reshape(-1, 2, 3),
+            ]
+        )
+        pixels = apply_affines(pixels, per_image)
     n_support = ep.support_idx.numel()
     image_shape = pixels.shape[1:]
     return Episode(
@@ -172,6 +185,7 @@ class _Draw:
     sizes: np.ndarray  # int64 [num_classes]: images per class
     equal_sizes: bool
     augment_rotations: bool
+    augment_affine: bool
     alphabets: tuple[np.ndarray, ...] | None  # class ids per eligible alphabet; None: any class
 
     def tasks(self, keys: Sequence[Sequence[int]]) -> IndexEpisode:
@@ -180,14 +194,15 @@ class _Draw:
         Per task: the classes (random order, so labels are shuffled; within-alphabet tasks first
         draw one eligible alphabet uniformly, then classes of it alone), one uniform key per
         image of each class (argsorted: a uniform random ordering of the class's images, whose
-        first `shots` go to support and next `query` to query), then the rotations when
-        augmenting.
+        first `shots` go to support and next `query` to query), then the rotations and the affine
+        distortions when augmenting (so turning either off leaves every other draw as it was).
         """
         n_tasks, ways, per_class = len(keys), self.ways, self.shots + self.query
         width = int(self.sizes.max())
         chosen = np.empty((n_tasks, ways), dtype=np.int64)
         image_keys = np.empty((n_tasks, ways, width), dtype=np.float64)
         rotations = np.zeros((n_tasks, ways), dtype=np.int64)
+        affines = np.empty((n_tasks, ways, per_class, 2, 3), dtype=np.float32)
         for t, key in enumerate(keys):
             rng = np.random.default_rng(key)
             if self.alphabets is None:
@@ -198,6 +213,8 @@ class _Draw:
             rng.random(out=image_keys[t])
             if self.augment_rotations:
                 rotations[t] = rng.integers(0, 4, size=ways)
+            if self.augment_affine:
+                affines[t] = draw_affines(rng, ways * per_class).reshape(ways, per_class, 2, 3)
         if not self.equal_sizes:  # rows past a class's end sort last and are never taken
             image_keys[np.arange(width) >= self.sizes[chosen][..., None]] = 2.0
         positions = np.argsort(image_keys, axis=2)[..., :per_class]
@@ -210,6 +227,7 @@ class _Draw:
             query_y=labels.repeat_interleave(self.query).repeat(n_tasks, 1),
             classes=torch.from_numpy(chosen),
             rotations=torch.from_numpy(rotations),
+            affines=torch.from_numpy(affines) if self.augment_affine else None,
         )
 
 
@@ -266,6 +284,7 @@ def _draw_for(
     query: int,
     augment_rotations: bool,
     within_alphabet: bool,
+    augment_affine: bool,
 ) -> _Draw:
     """Validate an episode shape against a split and keep the sizes needed to draw from it."""
     ways = _require_positive("ways", ways)
@@ -296,6 +315,7 @@ def _draw_for(
         sizes=sizes,
         equal_sizes=bool((sizes == sizes[0]).all()),
         augment_rotations=augment_rotations,
+        augment_affine=augment_affine,
         alphabets=_alphabets_with(classes, ways) if within_alphabet else None,
     )
 
@@ -326,7 +346,8 @@ class EpisodeSampler(_EpisodeSource):
     and images as with it on. On splits that already hold rotated copies of a class (Omniglot's
     Vinyals split) an augmented class can look like another class of the split.
     `within_alphabet=True` draws every task's classes from one Omniglot alphabet (Lake et al.'s
-    within-alphabet tasks, harder than classes from the whole split).
+    within-alphabet tasks, harder than classes from the whole split). `augment_affine=True`
+    distorts every image by its own random affine map (:mod:`episodes.distort`).
     """
 
     def __init__(
@@ -339,8 +360,11 @@ class EpisodeSampler(_EpisodeSource):
         seed: int,
         augment_rotations: bool = False,
         within_alphabet: bool = False,
+        augment_affine: bool = False,
     ) -> None:
-        self._draw = _draw_for(classes, ways, shots, query, augment_rotations, within_alphabet)
+        self._draw = _draw_for(
+            classes, ways, shots, query, augment_rotations, within_alphabet, augment_affine
+        )
         self.seed = _require_key_word("seed", seed)
 
     def sample(
@@ -381,7 +405,13 @@ class FixedEpisodes(_EpisodeSource):
         within_alphabet: bool = False,
     ) -> None:
         self._draw = _draw_for(
-            classes, ways, shots, query, augment_rotations=False, within_alphabet=within_alphabet
+            classes,
+            ways,
+            shots,
+            query,
+            augment_rotations=False,
+            within_alphabet=within_alphabet,
+            augment_affine=False,
         )
         self.seed = _require_key_word("seed", seed)
         self.episodes = _require_positive("episodes", episodes)

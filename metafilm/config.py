@@ -67,6 +67,9 @@ class DataConfig:
     shots: int = 1
     query: int = 15
     augment_rotations: bool = False
+    augment_affine: bool = False
+    """Distort every training image by its own random affine map (Koch et al.'s ranges, see
+    `episodes.distort`); validation and test images are never distorted."""
     train_alphabets: tuple[str, ...] | None = None
     """Omniglot only: train on these alphabets of `train_split` alone; None: all of them."""
     val_alphabets: tuple[str, ...] | None = None

@@ -414,10 +414,11 @@ def input_builder(
 def _gather_features(features: Tensor, index_episode: IndexEpisode) -> Episode:
     """``gather`` for cached per-image features."""
     ep = index_episode
-    if bool(ep.rotations.any()):
+    if bool(ep.rotations.any()) or ep.affines is not None:
         raise ValueError(
-            "rotation augmentation turns images, not cached prefix features: sample without "
-            "augment_rotations when the backbone is frozen with running batch norm"
+            "rotation and affine augmentation change images, not cached prefix features: sample "
+            "without augment_rotations and augment_affine when the backbone is frozen with "
+            "running batch norm"
         )
     return Episode(
         support_x=features[ep.support_idx],

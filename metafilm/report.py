@@ -354,7 +354,8 @@ def _markdown(
             f"- data: {c.data.dataset}, {c.data.image_size}x{c.data.image_size}, trained on split "
             f"{c.data.train_split!r} ({c.data.ways}-way {c.data.shots}-shot, {c.data.query} query "
             f"per class{', each task within one alphabet' if c.data.within_alphabet else ''}, "
-            f"rotation augmentation {'on' if c.data.augment_rotations else 'off'}), "
+            f"rotation augmentation {'on' if c.data.augment_rotations else 'off'}, "
+            f"affine augmentation {'on' if c.data.augment_affine else 'off'}), "
             + (
                 f"validated on {c.data.val_split!r}"
                 if c.train.val_every

@@ -148,12 +148,24 @@ def load_split(
         raise DataError(f"cannot load {data.dataset} split {split!r}: {error}") from None
 
 
+AUGMENTATIONS = ("augment_rotations", "augment_affine")
+"""The `[data]` settings that change training images as they are drawn."""
+
+
 def build_learner(config: RunConfig) -> FiLMLearner:
     """The learner a config describes; settings the model rejects become a `ConfigError`."""
     try:
-        return FiLMLearner(config.model, config.adapt)
+        learner = FiLMLearner(config.model, config.adapt)
     except ValueError as error:
         raise ConfigError(f"[model] / [adapt] settings rejected: {error}") from None
+    augmenting = [f"data.{name}" for name in AUGMENTATIONS if getattr(config.data, name)]
+    if augmenting and learner.caches_prefix:
+        raise ConfigError(
+            f"{' and '.join(augmenting)} change training images, but a frozen backbone with "
+            "running batch norm and no FiLM site in block 1 computes its first blocks once per "
+            "image: turn the augmentation off, or use FiLM in block 1 or bn_mode 'episode'"
+        )
+    return learner
 
 
 def seed_everything(seed: int) -> None:
@@ -422,6 +434,7 @@ def _load_sources(config: RunConfig) -> _Sources:
             seed=settings.seed,
             augment_rotations=data.augment_rotations,
             within_alphabet=data.within_alphabet,
+            augment_affine=data.augment_affine,
         ),
     )
     if not settings.val_every:

@@ -21,6 +21,7 @@ from metafilm.config import (
     to_toml,
     trajectory_differences,
 )
+from metafilm.train import build_learner
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.toml"))
 
@@ -269,3 +270,15 @@ def test_the_shipped_configs_cover_the_documented_setups() -> None:
         "miniimagenet-conv4",
         "miniimagenet-resnet12",
     } <= names
+
+
+@pytest.mark.parametrize("augmentation", ["augment_rotations", "augment_affine"])
+def test_augmentation_is_refused_where_the_backbone_prefix_is_cached(augmentation: str) -> None:
+    frozen = {"backbone_mode": "frozen", "bn_mode": "running"}
+    cached = config_from_dict(
+        {"data": {augmentation: True}, "model": {**frozen, "film_sites": ["block4"]}}
+    )
+    with pytest.raises(ConfigError, match=rf"^data\.{augmentation} change training images"):
+        build_learner(cached)
+    for model in ({**frozen, "film_sites": "all"}, {"bn_mode": "running"}):
+        assert build_learner(config_from_dict({"data": {augmentation: True}, "model": model}))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from episodes.classes import ClassImages
+from episodes.distort import apply_affines
 from episodes.sampler import EpisodeSampler, FixedEpisodes, IndexEpisode, gather
 
 SIDE = 5
@@ -210,6 +211,37 @@ def test_rotation_augmentation_turns_every_image_of_a_class_alike():
         (batch.support_x[:, :, 0] * 255).round().long().amax(dim=(2, 3)),
         torch.gather(ep.classes, 1, ep.support_y),
     )
+
+
+def test_affine_augmentation_distorts_each_training_image_by_its_own_map():
+    classes = synthetic([12] * 30, side=8)
+    plain = EpisodeSampler(classes, 5, 2, 3, seed=6, augment_rotations=True)
+    distorted = EpisodeSampler(
+        classes, 5, 2, 3, seed=6, augment_rotations=True, augment_affine=True
+    )
+    ep_plain, ep = plain.sample(2, 4), distorted.sample(2, 4)
+    assert ep_plain.affines is None  # off by default
+    # the same classes, images and turns with the flag on; only the maps are added
+    assert_same(ep, ep_plain)
+    assert ep.affines.shape == (4, 5, 2 + 3, 2, 3)
+    assert len(ep.affines.reshape(-1, 6).unique(dim=0)) == 4 * 5 * 5
+    batch, turned = gather(classes, ep), gather(classes, ep_plain)
+    # support image j*shots + k of a task takes map [j, k], query image j*query + k map [j, shots+k]
+    for t in range(4):
+        for j in range(5):
+            for k in range(2):
+                expected = apply_affines(turned.support_x[t, [j * 2 + k]], ep.affines[t, j, [k]])
+                assert torch.equal(batch.support_x[t, [j * 2 + k]], expected)
+            for k in range(3):
+                expected = apply_affines(turned.query_x[t, [j * 3 + k]], ep.affines[t, j, [2 + k]])
+                assert torch.equal(batch.query_x[t, [j * 3 + k]], expected)
+    # a constant channel stays constant: the class id survives the distortion
+    torch.testing.assert_close(
+        batch.support_x[:, :, 0].amax(dim=(2, 3)), turned.support_x[:, :, 0].amax(dim=(2, 3))
+    )
+    assert not torch.equal(batch.support_x[:, :, 2], turned.support_x[:, :, 2])
+    # evaluation episodes are never distorted
+    assert FixedEpisodes(classes, 5, 2, 3, seed=0, episodes=3).take([0, 1]).affines is None
 
 
 # ---- bad input ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Genuine bugs still show their traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,13 @@ from tqdm import tqdm
 from episodes import CacheError, ChecksumError, DownloadError, load_omniglot
 from metafilm.config import ConfigError, load_config
 from metafilm.distributed import process_group
-from metafilm.report import ReportError, accuracy_summary, episode_classes, write_report
+from metafilm.report import (
+    ReportError,
+    accuracy_summary,
+    episode_classes,
+    paired_line,
+    write_report,
+)
 from metafilm.sweep import Arm, run_sweep
 from metafilm.train import (
     USER_ERRORS,
@@ -380,6 +387,8 @@ def _run_report(args: argparse.Namespace) -> None:
     out = args.out or args.runs[0] / "report"
     written = write_report(args.runs, out, compare_published=args.compare_published)
     print(f"report written to {written[0]} ({', '.join(path.name for path in written[1:])})")
+    for row in json.loads(written[1].read_text(encoding="utf-8"))["paired"]:
+        print(paired_line(row))
 
 
 def _run_sweep(args: argparse.Namespace) -> None:

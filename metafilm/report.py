@@ -27,6 +27,8 @@ from metafilm.config import ConfigError, RunConfig, config_to_dict, load_config
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 EVAL_DIR = "eval"
+LAST = "last.pt"
+BEST = "best.pt"
 CI_Z = 1.96
 STD_KIND = "sample standard deviation (ddof=1)"
 EVAL_ORDER = (
@@ -56,6 +58,19 @@ EVAL_KEYS = (
 )
 """What every evaluation file holds (written by `metafilm.train.evaluate_checkpoint`)."""
 FIGURES = ("training_curves.png", "accuracy.png", "film_diagnostics.png")
+EPISODE_KEYS = (
+    "dataset",
+    "image_size",
+    "split",
+    "ways",
+    "shots",
+    "query",
+    "episodes",
+    "episode_seed",
+)
+"""The fields of an evaluation record that fix its episodes, with its alphabets (`episodes_of`):
+two records that agree on all of them were computed on the same episodes, so their accuracies
+pair up episode by episode."""
 
 
 class ReportError(RuntimeError):
@@ -302,6 +317,55 @@ def format_percent(mean: float, ci: float | None) -> str:
     return f"{100 * mean:.2f}" + ("" if ci is None else f" ± {100 * ci:.2f}")
 
 
+def episodes_of(evaluation: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What fixes an evaluation's episodes (records from before alphabets could be chosen drew
+    from the whole split), and how many accuracies it holds."""
+    return (
+        *(evaluation.get(key) for key in EPISODE_KEYS),
+        len(evaluation["accuracies"]),
+        tuple(sorted(evaluation.get("alphabets") or ())),
+        bool(evaluation.get("within_alphabet")),
+    )
+
+
+def evaluation_label(evaluation: Mapping[str, Any]) -> str:
+    """Split and setting, then each test-time choice that departs from how the run trained
+    (another checkpoint than the best, other inner steps, the other batch norm): evaluations of one
+    run differ in label, and arms tested as they trained share theirs, so they pair."""
+    parts = [episode_classes(evaluation), setting_label(evaluation)]
+    if evaluation["checkpoint"] != BEST:
+        parts.append(Path(evaluation["checkpoint"]).stem)
+    if evaluation["inner_steps_test"] != evaluation["inner_steps_train"]:
+        parts.append(f"inner {evaluation['inner_steps_test']}")
+    if bn_mode_tested(evaluation) != evaluation["bn_mode"]:
+        parts.append(f"bn {bn_mode_tested(evaluation)}")
+    return " ".join(parts)
+
+
+def paired_differences(run: RunFiles, base: RunFiles) -> dict[str, dict[str, Any]]:
+    """Per evaluation label, `run`'s accuracy minus `base`'s on the same episodes: mean and 95% CI
+    of the per-episode differences. Labels whose episodes differ between the two are left out."""
+    bases = {evaluation_label(evaluation): evaluation for evaluation in base.evaluations}
+    differences = {}
+    for evaluation in run.evaluations:
+        other = bases.get(evaluation_label(evaluation))
+        if other is not None and episodes_of(evaluation) == episodes_of(other):
+            differences[evaluation_label(evaluation)] = accuracy_summary(
+                np.subtract(evaluation["accuracies"], other["accuracies"])
+            )
+    return differences
+
+
+def mean_ci_text(summary: Mapping[str, Any] | None, *, bold_if_clear: bool = False) -> str:
+    """`mean ± ci` in percent ("–" if missing), bold if asked and the CI excludes zero."""
+    if summary is None:
+        return "–"
+    ci95 = summary["ci95"]
+    text = format_percent(summary["mean"], ci95)
+    clear = ci95 is not None and abs(summary["mean"]) > ci95
+    return f"**{text}**" if bold_if_clear and clear else text
+
+
 def _published_matches(result: dict[str, Any]) -> list[Published]:
     return [
         row
@@ -311,8 +375,52 @@ def _published_matches(result: dict[str, Any]) -> list[Published]:
     ]
 
 
+def paired_rows(runs: Sequence[RunFiles]) -> list[dict[str, Any]]:
+    """Each run after the first minus the first, per evaluation label they share on the same
+    episodes (`paired_differences`), as rows naming both runs."""
+    base = runs[0]
+    return [
+        {"run": run.name, "base": base.name, "evaluation": label, **summary}
+        for run in runs[1:]
+        for label, summary in paired_differences(run, base).items()
+    ]
+
+
+def paired_line(row: Mapping[str, Any]) -> str:
+    """One paired difference in words, in points."""
+    return (
+        f"{row['run']} minus {row['base']}, {row['evaluation']}: "
+        f"{format_percent(row['mean'], row['ci95'])} points over {row['episodes']} episodes"
+    )
+
+
+def _paired_markdown(paired: Sequence[dict[str, Any]]) -> list[str]:
+    if not paired:
+        return []
+    lines = [
+        "## Paired differences",
+        "",
+        f"Each run minus {paired[0]['base']} on the very same episodes (for Lake's runs, the same "
+        "20 runs): the mean of the per-episode accuracy differences ± its 95% confidence "
+        "interval, in points; bold where the interval excludes zero. Pairing removes the "
+        "variation between episodes, so this is far tighter than comparing the intervals above.",
+        "",
+        "| run | evaluation | difference (points) | episodes |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {row['run']} | {row['evaluation']} | {mean_ci_text(row, bold_if_clear=True)} "
+        f"| {row['episodes']} |"
+        for row in paired
+    ]
+    return [*lines, ""]
+
+
 def _markdown(
-    runs: Sequence[RunFiles], results: Sequence[dict[str, Any]], compare_published: bool
+    runs: Sequence[RunFiles],
+    results: Sequence[dict[str, Any]],
+    paired: Sequence[dict[str, Any]],
+    compare_published: bool,
 ) -> str:
     lines = [
         "# metafilm report",
@@ -344,6 +452,7 @@ def _markdown(
                 f"| {r['checkpoint']} (step {r['checkpoint_step']}) |"
             )
         lines.append("")
+    lines += _paired_markdown(paired)
     lines += ["## Protocol", ""]
     for run in runs:
         c = run.config
@@ -599,6 +708,7 @@ def write_report(
             for run in runs
         ]
     results = _results(runs)
+    paired = paired_rows(runs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     document = {
@@ -608,6 +718,7 @@ def write_report(
             for run in runs
         ],
         "results": results,
+        "paired": paired,
     }
     if compare_published:
         document["published"] = [
@@ -616,7 +727,7 @@ def write_report(
             if any(row in _published_matches(result) for result in results)
         ]
     written = [out / "report.md", out / "report.json"]
-    written[0].write_text(_markdown(runs, results, compare_published), encoding="utf-8")
+    written[0].write_text(_markdown(runs, results, paired, compare_published), encoding="utf-8")
     written[1].write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     _plot_training_curves(runs, out / FIGURES[0])
     _plot_accuracy(results, out / FIGURES[1])

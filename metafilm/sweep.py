@@ -30,18 +30,16 @@ from metafilm.checkpoint import load_checkpoint
 from metafilm.config import ConfigError, RunConfig, load_config, parse_override
 from metafilm.report import (
     CONFIG_FILE,
+    LAST,
     RunFiles,
     accuracy_summary,
-    bn_mode_tested,
-    episode_classes,
-    format_percent,
+    evaluation_label,
+    mean_ci_text,
+    paired_differences,
     read_run,
-    setting_label,
     write_report,
 )
 from metafilm.train import (
-    BEST,
-    LAST,
     Progress,
     check_run_dir,
     evaluate_checkpoint,
@@ -50,30 +48,6 @@ from metafilm.train import (
 )
 
 SUMMARY_FIGURE = "sweep_accuracy.png"
-
-EPISODE_KEYS = (
-    "dataset",
-    "image_size",
-    "split",
-    "ways",
-    "shots",
-    "query",
-    "episodes",
-    "episode_seed",
-)
-"""The fields of an evaluation record that fix its episodes, with its alphabets (`_episodes_of`):
-two records that agree on all of them were computed on the same episodes, so their accuracies
-pair up episode by episode."""
-
-
-def _episodes_of(evaluation: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What fixes an evaluation's episodes (records from before alphabets could be chosen drew
-    from the whole split)."""
-    return (
-        *(evaluation[key] for key in EPISODE_KEYS),
-        tuple(sorted(evaluation.get("alphabets") or ())),
-        bool(evaluation.get("within_alphabet")),
-    )
 
 
 @dataclass(frozen=True)
@@ -160,7 +134,7 @@ def arm_summary(arm: Arm, run: RunFiles) -> dict[str, Any]:
     """An arm's comparison figures: accuracy with 95% CI per split and setting, the final train
     and validation accuracy and their gap, and the final RMS FiLM deviations (mean over sites)."""
     results = {
-        _label(evaluation): accuracy_summary(evaluation["accuracies"])
+        evaluation_label(evaluation): accuracy_summary(evaluation["accuracies"])
         for evaluation in run.evaluations
     }
     train_accuracy = _last(run.metrics, "accuracy")
@@ -185,46 +159,8 @@ def arm_summary(arm: Arm, run: RunFiles) -> dict[str, Any]:
     }
 
 
-def _label(evaluation: Mapping[str, Any]) -> str:
-    """Split and setting, then each test-time choice that departs from how the run trained
-    (another checkpoint than the best, other inner steps, the other batch norm): evaluations of one
-    run differ in label, and arms tested as they trained share theirs, so they pair."""
-    parts = [episode_classes(evaluation), setting_label(evaluation)]
-    if evaluation["checkpoint"] != BEST:
-        parts.append(Path(evaluation["checkpoint"]).stem)
-    if evaluation["inner_steps_test"] != evaluation["inner_steps_train"]:
-        parts.append(f"inner {evaluation['inner_steps_test']}")
-    if bn_mode_tested(evaluation) != evaluation["bn_mode"]:
-        parts.append(f"bn {bn_mode_tested(evaluation)}")
-    return " ".join(parts)
-
-
-def paired_differences(run: RunFiles, base: RunFiles) -> dict[str, dict[str, Any]]:
-    """Per evaluation label, `run`'s accuracy minus `base`'s on the same episodes: mean and 95% CI
-    of the per-episode differences. Labels whose episodes differ between the two are left out."""
-    bases = {_label(evaluation): evaluation for evaluation in base.evaluations}
-    differences = {}
-    for evaluation in run.evaluations:
-        other = bases.get(_label(evaluation))
-        if other is not None and _episodes_of(evaluation) == _episodes_of(other):
-            differences[_label(evaluation)] = accuracy_summary(
-                np.subtract(evaluation["accuracies"], other["accuracies"])
-            )
-    return differences
-
-
 def _fmt(value: float | None, scale: float = 100.0, digits: int = 2) -> str:
     return "–" if value is None else f"{scale * value:.{digits}f}"
-
-
-def _mean_ci(summary: Mapping[str, Any] | None, *, bold_if_clear: bool = False) -> str:
-    """`mean ± ci` in percent ("–" if missing), bold if asked and the CI excludes zero."""
-    if summary is None:
-        return "–"
-    ci95 = summary["ci95"]
-    text = format_percent(summary["mean"], ci95)
-    clear = ci95 is not None and abs(summary["mean"]) > ci95
-    return f"**{text}**" if bold_if_clear and clear else text
 
 
 def _markdown(
@@ -259,7 +195,7 @@ def _markdown(
         "|---|" + "---|" * (len(labels) + 6),
     ]
     for row in rows:
-        cells = [_mean_ci(row["results"].get(label)) for label in labels]
+        cells = [mean_ci_text(row["results"].get(label)) for label in labels]
         lines.append(
             f"| {row['arm']} | "
             + " | ".join(cells)
@@ -280,7 +216,9 @@ def _markdown(
             "|---|" + "---|" * len(labels),
         ]
         for row in rows[1:]:
-            cells = [_mean_ci(row["vs_base"].get(label), bold_if_clear=True) for label in labels]
+            cells = [
+                mean_ci_text(row["vs_base"].get(label), bold_if_clear=True) for label in labels
+            ]
             lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
     lines += [
         "",

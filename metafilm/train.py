@@ -90,11 +90,17 @@ from metafilm.meta import (
     set_learning_rate,
 )
 from metafilm.pretrain import pretrain_backbone
-from metafilm.report import CONFIG_FILE, EVAL_DIR, METRICS_FILE, accuracy_summary, read_metrics
+from metafilm.report import (
+    BEST,
+    CONFIG_FILE,
+    EVAL_DIR,
+    LAST,
+    METRICS_FILE,
+    accuracy_summary,
+    read_metrics,
+)
 from metafilm.specs import AdaptSpec, BatchNormMode
 
-LAST = "last.pt"
-BEST = "best.pt"
 BACKBONE = "backbone.pt"
 TENSORBOARD_DIR = "tensorboard"
 EVAL_BATCH = 50

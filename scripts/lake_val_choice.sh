@@ -29,8 +29,7 @@ python - "$@" <<'PY'
 import sys
 from pathlib import Path
 
-from metafilm.report import format_percent, read_run
-from metafilm.sweep import paired_differences
+from metafilm.report import format_percent, paired_differences, read_run
 
 base, *others = map(Path, sys.argv[1:])
 for run in others:

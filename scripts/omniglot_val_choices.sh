@@ -41,17 +41,5 @@ wait
 cat "$runs"/*.evaluate.log
 
 names=(protonet-20way protonet-60way film-20way-inner1 film-20way-inner0)
+# The report (and its printout) gives each arm minus protonet-20way on the same episodes.
 metafilm report "${names[@]/#/$runs/}" --out "$report"
-python - "$runs" "${names[@]}" <<'EOF'
-import sys
-from pathlib import Path
-
-from metafilm.report import format_percent, read_run
-from metafilm.sweep import paired_differences
-
-runs, base, *others = Path(sys.argv[1]), *sys.argv[2:]
-print(f"paired difference from {base} (val 20-way 1-shot, 600 episodes, 95% CI):")
-for name in others:
-    for label, summary in paired_differences(read_run(runs / name), read_run(runs / base)).items():
-        print(f"  {name}: {format_percent(summary['mean'], summary['ci95'])} points ({label})")
-EOF

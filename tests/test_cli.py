@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -381,6 +382,15 @@ def test_one_run_with_running_statistics_reports_both_batch_norms(
     markdown = (out / "report.md").read_text()
     assert "| transductive (episode statistics) |" in markdown
     assert "| running statistics at test |" in markdown
+
+    # several runs: each later run minus the first, on the same episodes, printed and reported
+    both = metafilm("report", runs["episode"], runs["running"], "--out", tmp_path / "both")
+    assert both.returncode == 0, both.stderr
+    differences = np.subtract(running["accuracies"], record("episode", "episode")["accuracies"])
+    mean, ci = 100 * differences.mean(), 196 * differences.std(ddof=1) / np.sqrt(8)
+    line = f"running minus episode, test 5-way 1-shot last: {mean:.2f} ± {ci:.2f} points over 8"
+    assert f"{line} episodes" in both.stdout.splitlines()
+    assert "## Paired differences" in (tmp_path / "both" / "report.md").read_text()
 
     message = in_process_error(
         capsys, "evaluate", runs["episode"], "--bn-mode", "running", "--data-root", data_root

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from metafilm.config import config_from_dict, to_toml
-from metafilm.report import FIGURES, ReportError, accuracy_summary, write_report
+from metafilm.report import FIGURES, ReportError, accuracy_summary, paired_line, write_report
 
 SHA = "ab" * 32
 
@@ -143,6 +143,17 @@ def test_several_runs_share_one_report_even_untested_ones(tmp_path: Path) -> Non
     assert "validated on 'val'" in protocols["a"]
     assert "not validated (its last checkpoint is tested)" in protocols["b"]
     assert all((out / name).stat().st_size > 1000 for name in FIGURES)
+    # b minus a on the same two episodes: differences 0.1 and 0.2
+    (paired,) = document["paired"]
+    assert (paired["run"], paired["base"], paired["episodes"]) == ("b", "a", 2)
+    assert paired["mean"] == pytest.approx(0.15)
+    assert paired["ci95"] == pytest.approx(1.96 * statistics.stdev([0.1, 0.2]) / math.sqrt(2))
+    assert "## Paired differences" in markdown
+    assert f"| b | {paired['evaluation']} | **15.00 ± 9.80** | 2 |" in markdown
+    assert (
+        paired_line(paired)
+        == f"b minus a, {paired['evaluation']}: 15.00 ± 9.80 points over 2 episodes"
+    )
     write_report([untested], tmp_path / "none")
     assert "No evaluation yet" in (tmp_path / "none" / "report.md").read_text()
 

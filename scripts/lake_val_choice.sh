@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Choose the model for Lake et al.'s one-shot challenge on val alone: score each trained run on
 # the same 600 fixed within-alphabet 20-way 1-shot episodes (seed 1) of its held-out background
-# alphabets (the validation alphabets of configs/results/omniglot-lake.toml; both runs hold out
-# the same ones), with batch-norm running statistics, and print their paired difference.
+# alphabets (the validation alphabets of configs/results/omniglot-lake.toml; every Lake config
+# holds out the same ones), with batch-norm running statistics, and print each run's paired
+# difference from the first.
 #
 #   METAFILM_DATA_ROOT=/path/to/data scripts/lake_val_choice.sh RUN [RUN ...]
 #

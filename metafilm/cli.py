@@ -8,7 +8,6 @@ Genuine bugs still show their traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -385,10 +384,16 @@ def _run_report(args: argparse.Namespace) -> None:
     if args.out is None and len(args.runs) > 1:
         raise ReportError("a report of several runs needs --out DIR")
     out = args.out or args.runs[0] / "report"
-    written = write_report(args.runs, out, compare_published=args.compare_published)
+    pairs: list[str] = []
+    written = write_report(
+        args.runs,
+        out,
+        compare_published=args.compare_published,
+        on_paired=lambda row: pairs.append(paired_line(row)),
+    )
     print(f"report written to {written[0]} ({', '.join(path.name for path in written[1:])})")
-    for row in json.loads(written[1].read_text(encoding="utf-8"))["paired"]:
-        print(paired_line(row))
+    for line in pairs:
+        print(line)
 
 
 def _run_sweep(args: argparse.Namespace) -> None:

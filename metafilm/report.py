@@ -15,7 +15,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -695,8 +695,10 @@ def write_report(
     out_dir: str | os.PathLike[str],
     *,
     compare_published: bool = False,
+    on_paired: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[Path]:
-    """Write `report.md`, `report.json` and the PNG figures for `run_dirs` into `out_dir`."""
+    """Write `report.md`, `report.json` and the PNG figures for `run_dirs` into `out_dir`;
+    `on_paired` is called with each paired difference (see `paired_rows`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -709,6 +711,9 @@ def write_report(
         ]
     results = _results(runs)
     paired = paired_rows(runs)
+    if on_paired is not None:
+        for row in paired:
+            on_paired(row)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     document = {

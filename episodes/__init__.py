@@ -6,6 +6,7 @@ from episodes.integrity import CacheError, ChecksumError
 from episodes.lake import LakeRuns, load_lake_runs
 from episodes.miniimagenet import load_miniimagenet, read_ravi_csv
 from episodes.omniglot import load_omniglot, omniglot_alphabets
+from episodes.photo import PhotoAugmentation
 from episodes.sampler import Episode, EpisodeSampler, FixedEpisodes, IndexEpisode, Task, gather
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "EpisodeSampler",
     "FixedEpisodes",
     "IndexEpisode",
+    "PhotoAugmentation",
     "Task",
     "gather",
     "load_miniimagenet",

@@ -12,6 +12,22 @@ def to_pixels(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return images.to(dtype).div_(255)
 
 
+def channel_statistics(images: torch.Tensor, chunk: int = 1024) -> tuple[list[float], list[float]]:
+    """Mean and standard deviation of each channel of uint8 `[N, C, H, W]` images, as pixels in
+    [0, 1] (the input normalisation of natural images), summed in float64 a chunk at a time."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        pixels = to_pixels(images[start : start + chunk], torch.float64)
+        total += pixels.sum(dim=(0, 2, 3))
+        squares += pixels.pow(2).sum(dim=(0, 2, 3))
+    count = images.numel() // channels
+    mean = total / count
+    std = (squares / count - mean.pow(2)).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()
+
+
 def alphabet_of(class_name: str) -> str:
     """The Omniglot alphabet of a class named `Alphabet/characterNN[/rotDDD]`."""
     return class_name.split("/", 1)[0]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import secrets
 import struct
@@ -28,6 +30,7 @@ CACHE_DIR_ENV = "METAFILM_CACHE_DIR"
 _CHUNK_BYTES = 1 << 20
 _CACHE_MAGIC = b"METAFILM-ARRAY-1"
 _HEADER_LENGTH = struct.Struct("<Q")
+_log = logging.getLogger(__name__)
 
 
 class ChecksumError(RuntimeError):
@@ -117,7 +120,8 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     """Open a temp file next to `path` for binary writing; on success it replaces `path`.
 
     The data is flushed and fsynced before the rename; on any error the temp file is removed and
-    `path` is left as it was.
+    `path` is left as it was. An `OSError` that names no file (a full disk: `ENOSPC`) is raised
+    again naming `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +132,11 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        if error.filename is None or error.filename == str(temp):
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -158,6 +167,7 @@ def write_array_cache(
         file.write(_HEADER_LENGTH.pack(len(encoded)))
         file.write(encoded)
         file.write(payload)
+    _log.info(f"cached {list(array.shape)} {array.dtype} ({array.nbytes / 1e6:,.1f} MB) in {path}")
 
 
 def read_array_cache(
@@ -177,6 +187,11 @@ def read_array_cache(
         if len(length_bytes) != _HEADER_LENGTH.size:
             raise CacheError(f"{path} is truncated inside its header")
         (length,) = _HEADER_LENGTH.unpack(length_bytes)
+        size = os.fstat(file.fileno()).st_size
+        if length > size - file.tell():
+            raise CacheError(
+                f"{path} claims a {length:,}-byte header in a {size:,}-byte file (damaged)"
+            )
         try:
             header = json.loads(file.read(length).decode("utf-8"))
             dtype = np.dtype(header["dtype"])
@@ -184,6 +199,13 @@ def read_array_cache(
             payload_sha256 = header["payload_sha256"]
         except (ValueError, KeyError, TypeError) as error:
             raise CacheError(f"{path} has an unreadable header ({error})") from error
+        # Checked before anything is allocated: a header may claim any shape.
+        claimed = math.prod(shape) * dtype.itemsize
+        if dtype.hasobject or any(n < 0 for n in shape) or claimed != size - file.tell():
+            raise CacheError(
+                f"{path} header claims shape {list(shape)} of {dtype} ({claimed:,} bytes) but "
+                f"holds {size - file.tell():,} payload bytes (half-written or damaged)"
+            )
         mismatched = {key for key, value in expected.items() if header.get(key) != value}
         if mismatched:
             detail = ", ".join(

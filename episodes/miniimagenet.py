@@ -36,8 +36,10 @@ import codecs
 import csv
 import importlib
 import json
+import logging
 import os
 import pickle
+import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +63,7 @@ SPLITS = ("train", "val", "test")
 FORMATS = ("auto", "pickle", "hdf5", "jpeg")
 
 _RESAMPLE = Image.Resampling.LANCZOS
+_log = logging.getLogger(__name__)
 _CACHE_FORMAT = {"format": "metafilm-miniimagenet-split", "version": 1}
 _PICKLE_NAMES = {
     "train": ("mini-imagenet-cache-train.pkl",),
@@ -253,12 +256,24 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _load_pickle(path: Path, size: int) -> ClassImages:
+    remedy = "replace it with a whole copy of the miniImageNet pickle"
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): {remedy}")
     try:
         with path.open("rb") as f:
             # latin1 reads the Python 2 pickles the original caches were written as.
             data = _ArrayUnpickler(f, encoding="latin1").load()
     except pickle.UnpicklingError as e:
+        if "truncated" in str(e):
+            raise ValueError(f"{path} is truncated ({e}): {remedy}") from None
         raise ValueError(f"{path}: not a safe miniImageNet pickle ({e})") from None
+    except EOFError:
+        raise ValueError(f"{path} is truncated (it ends inside the pickle): {remedy}") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error) as e:
+        # What the unpickler or numpy raise on bytes that are not a whole pickle.
+        raise ValueError(
+            f"{path} is damaged or truncated ({type(e).__name__}: {e}): {remedy}"
+        ) from None
     if not isinstance(data, dict) or not {"image_data", "class_dict"} <= data.keys():
         found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise ValueError(
@@ -394,6 +409,11 @@ def _load_jpeg(folder: Path, split: str, size: int, cache_root: Path) -> ClassIm
             f"{images_dir}/<label>/<filename>."
         )
     paths = _image_paths(images_dir, files)
+    megabytes = sum(sizes) * 3 * size * size / 1e6
+    _log.info(
+        f"decoding {sum(sizes):,} miniImageNet {split!r} images into the cache {cache} "
+        f"({megabytes:,.1f} MB; once, later loads read the cache)"
+    )
     result = _assemble(names, sizes, lambda c: np.stack([_decode(p, size) for p in paths[c]]), size)
     write_array_cache(cache, result.images.numpy(), settings)
     return result

@@ -20,6 +20,7 @@ setting; a split is assembled from it in well under a second.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import warnings
@@ -43,6 +44,8 @@ from episodes.integrity import (
     verify_file,
     write_array_cache,
 )
+
+_log = logging.getLogger(__name__)
 
 BACKGROUND_ZIP = "images_background.zip"
 EVALUATION_ZIP = "images_evaluation.zip"
@@ -126,6 +129,7 @@ def cached_characters(
         pass
     except CacheError as error:
         warnings.warn(f"{error}; rebuilding it", stacklevel=2)
+    _log.info(f"decoding {zip_path} into the cache {cache_path} (once; later loads read it)")
     images, names, counts = _decode_zip(zip_path, image_size)
     write_array_cache(cache_path, images, {**settings, "characters": names, "counts": counts})
     return _as_characters(images, names, counts)
@@ -230,7 +234,8 @@ def _layout_message(folder: Path, problem: str) -> str:
         f"{problem}. Expected layout: {folder / BACKGROUND_ZIP} and {folder / EVALUATION_ZIP} "
         f"(the release zips of https://github.com/brendenlake/omniglot, python/), and "
         f"{folder / 'vinyals_splits'}/{{train,val,trainval,test}}.txt for the Vinyals splits. "
-        f"Place the files there, or pass download=True to fetch the original zips."
+        f"Place the files there, or fetch the original zips with 'metafilm data --download' "
+        f"(load_omniglot(..., download=True) in Python)."
     )
 
 
@@ -240,8 +245,8 @@ def _verified_characters(
     digests = verify_file(
         zip_path,
         OMNIGLOT_VERSIONS[zip_path.name],
-        remedy="Replace it with a good copy, or delete it and load with download=True to fetch "
-        "the original release.",
+        remedy="Replace it with a good copy, or delete it and run 'metafilm data --download' to "
+        "fetch the original release.",
     )
     return cached_characters(zip_path, digests["sha256"], image_size, cache_dir)
 

@@ -26,6 +26,7 @@ import torch
 
 from episodes.classes import ClassImages, alphabet_of, to_pixels
 from episodes.distort import apply_affines, draw_affines
+from episodes.photo import PHOTO_PARAMS, PhotoAugmentation, apply_photo, draw_photo
 
 _TRAIN_DOMAIN = 0x6D665452  # "mfTR": first word of every training task key
 _EVAL_DOMAIN = 0x6D664556  # "mfEV": first word of every evaluation episode key
@@ -43,6 +44,10 @@ class IndexEpisode:
     rotation augmentation is off). `affines [tasks, ways, shots + query, 2, 3]` (None when affine
     augmentation is off) holds the distortion `gather` applies after the turn to each image of a
     label: its support images first, then its query images (see :mod:`episodes.distort`).
+    `photo [tasks, ways, shots + query, PHOTO_PARAMS]` (None when photo augmentation is off)
+    holds the crop, flip and colour jitter parameters `gather` applies after the affine map, laid
+    out like `affines`, and `photo_augmentation` the settings they were drawn with (which
+    `apply_photo` needs: the crop padding); see :mod:`episodes.photo`.
     """
 
     support_idx: torch.Tensor
@@ -52,6 +57,8 @@ class IndexEpisode:
     classes: torch.Tensor
     rotations: torch.Tensor
     affines: torch.Tensor | None = None
+    photo: torch.Tensor | None = None
+    photo_augmentation: PhotoAugmentation | None = None
 
     @property
     def tasks(self) -> int:
@@ -134,8 +141,8 @@ class Episode:
 def gather(
     classes: ClassImages, index_episode: IndexEpisode, dtype: torch.dtype = torch.float32
 ) -> Episode:
-    """Turn index episodes into `dtype` images in [0, 1], applying the per-label rotations and
-    the per-image affine distortions.
+    """Turn index episodes into `dtype` images in [0, 1], applying the per-label rotations, then
+    the per-image affine distortions, then the per-image crops, flips and colour jitter.
 
     Support and query rows of all tasks are fetched with one `index_select` into one buffer and
     converted with one division, so both halves are contiguous views of that buffer.
@@ -156,13 +163,13 @@ def gather(
             images[rows] = torch.rot90(images[rows], quarter_turns, dims=(2, 3))
     pixels = to_pixels(images, dtype)
     if ep.affines is not None:
-        per_image = torch.cat(
-            [
-                ep.affines[:, :, : ep.shots].reshape(-1, 2, 3),
-                ep.affines[:, :, ep.shots :].reshape(-1, 2, 3),
-            ]
-        )
-        pixels = apply_affines(pixels, per_image)
+        pixels = apply_affines(pixels, _per_image(ep.affines, ep.shots))
+    if ep.photo is not None:
+        if ep.photo_augmentation is None:
+            raise ValueError(
+                "an IndexEpisode with photo parameters needs its photo_augmentation to apply them"
+            )
+        pixels = apply_photo(pixels, _per_image(ep.photo, ep.shots), ep.photo_augmentation)
     n_support = ep.support_idx.numel()
     image_shape = pixels.shape[1:]
     return Episode(
@@ -171,6 +178,19 @@ def gather(
         query_x=pixels[n_support:].view(ep.tasks, -1, *image_shape),
         query_y=ep.query_y,
         ways=ep.ways,
+    )
+
+
+def _per_image(per_slot: torch.Tensor, shots: int) -> torch.Tensor:
+    """Per-slot parameters `[tasks, ways, shots + query, ...]` in the order of the images of
+    `gather`'s buffer: every task's support images (class-major), then every task's query
+    images, one row each."""
+    item_shape = per_slot.shape[3:]
+    return torch.cat(
+        [
+            per_slot[:, :, :shots].reshape(-1, *item_shape),
+            per_slot[:, :, shots:].reshape(-1, *item_shape),
+        ]
     )
 
 
@@ -187,6 +207,7 @@ class _Draw:
     augment_rotations: bool
     augment_affine: bool
     alphabets: tuple[np.ndarray, ...] | None  # class ids per eligible alphabet; None: any class
+    photo: PhotoAugmentation | None = None  # None: no photo augmentation (never an inactive one)
 
     def tasks(self, keys: Sequence[Sequence[int]]) -> IndexEpisode:
         """One task per key; each task's draws come from `numpy.random.default_rng(key)` only.
@@ -194,8 +215,9 @@ class _Draw:
         Per task: the classes (random order, so labels are shuffled; within-alphabet tasks first
         draw one eligible alphabet uniformly, then classes of it alone), one uniform key per
         image of each class (argsorted: a uniform random ordering of the class's images, whose
-        first `shots` go to support and next `query` to query), then the rotations and the affine
-        distortions when augmenting (so turning either off leaves every other draw as it was).
+        first `shots` go to support and next `query` to query), then the rotations, the affine
+        distortions and last the photo parameters when augmenting (so turning any of them off
+        leaves every other draw as it was).
         """
         n_tasks, ways, per_class = len(keys), self.ways, self.shots + self.query
         width = int(self.sizes.max())
@@ -203,6 +225,7 @@ class _Draw:
         image_keys = np.empty((n_tasks, ways, width), dtype=np.float64)
         rotations = np.zeros((n_tasks, ways), dtype=np.int64)
         affines = np.empty((n_tasks, ways, per_class, 2, 3), dtype=np.float32)
+        photo = np.empty((n_tasks, ways, per_class, PHOTO_PARAMS), dtype=np.float32)
         for t, key in enumerate(keys):
             rng = np.random.default_rng(key)
             if self.alphabets is None:
@@ -215,6 +238,10 @@ class _Draw:
                 rotations[t] = rng.integers(0, 4, size=ways)
             if self.augment_affine:
                 affines[t] = draw_affines(rng, ways * per_class).reshape(ways, per_class, 2, 3)
+            if self.photo is not None:
+                photo[t] = draw_photo(rng, ways * per_class, self.photo).reshape(
+                    ways, per_class, PHOTO_PARAMS
+                )
         if not self.equal_sizes:  # rows past a class's end sort last and are never taken
             image_keys[np.arange(width) >= self.sizes[chosen][..., None]] = 2.0
         positions = np.argsort(image_keys, axis=2)[..., :per_class]
@@ -228,6 +255,8 @@ class _Draw:
             classes=torch.from_numpy(chosen),
             rotations=torch.from_numpy(rotations),
             affines=torch.from_numpy(affines) if self.augment_affine else None,
+            photo=torch.from_numpy(photo) if self.photo is not None else None,
+            photo_augmentation=self.photo,
         )
 
 
@@ -237,6 +266,17 @@ def _require_square(classes: ClassImages, purpose: str) -> None:
         raise ValueError(
             f"{purpose} needs square images, got {height}x{width}; "
             f"resize the images or turn rotation augmentation off"
+        )
+
+
+def _require_photo_images(classes: ClassImages, photo: PhotoAugmentation) -> None:
+    channels, height, width = classes.images.shape[1:]
+    if channels not in (1, 3):
+        raise ValueError(f"photo augmentation needs 1 or 3 channels, got {channels}")
+    if photo.crop_padding >= min(height, width):
+        raise ValueError(
+            f"photo crop_padding={photo.crop_padding} must be smaller than the image sides "
+            f"({height}x{width}) for reflection padding"
         )
 
 
@@ -285,6 +325,7 @@ def _draw_for(
     augment_rotations: bool,
     within_alphabet: bool,
     augment_affine: bool,
+    photo: PhotoAugmentation | None = None,
 ) -> _Draw:
     """Validate an episode shape against a split and keep the sizes needed to draw from it."""
     ways = _require_positive("ways", ways)
@@ -307,6 +348,12 @@ def _draw_for(
         )
     if augment_rotations:
         _require_square(classes, "augment_rotations")
+    if photo is not None and not isinstance(photo, PhotoAugmentation):
+        raise TypeError(f"photo must be a PhotoAugmentation or None, got {type(photo).__name__}")
+    if photo is not None and photo.active:
+        _require_photo_images(classes, photo)
+    else:
+        photo = None
     return _Draw(
         ways=ways,
         shots=shots,
@@ -317,6 +364,7 @@ def _draw_for(
         augment_rotations=augment_rotations,
         augment_affine=augment_affine,
         alphabets=_alphabets_with(classes, ways) if within_alphabet else None,
+        photo=photo,
     )
 
 
@@ -347,7 +395,9 @@ class EpisodeSampler(_EpisodeSource):
     Vinyals split) an augmented class can look like another class of the split.
     `within_alphabet=True` draws every task's classes from one Omniglot alphabet (Lake et al.'s
     within-alphabet tasks, harder than classes from the whole split). `augment_affine=True`
-    distorts every image by its own random affine map (:mod:`episodes.distort`).
+    distorts every image by its own random affine map (:mod:`episodes.distort`). `photo` crops,
+    flips and colour-jitters every image by its own random parameters (:mod:`episodes.photo`;
+    None or an inactive `PhotoAugmentation` turns it off, and leaves every other draw as it was).
     """
 
     def __init__(
@@ -361,9 +411,10 @@ class EpisodeSampler(_EpisodeSource):
         augment_rotations: bool = False,
         within_alphabet: bool = False,
         augment_affine: bool = False,
+        photo: PhotoAugmentation | None = None,
     ) -> None:
         self._draw = _draw_for(
-            classes, ways, shots, query, augment_rotations, within_alphabet, augment_affine
+            classes, ways, shots, query, augment_rotations, within_alphabet, augment_affine, photo
         )
         self.seed = _require_key_word("seed", seed)
 

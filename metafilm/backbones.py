@@ -34,6 +34,8 @@ BN_MODES: tuple[str, ...] = ("episode", "running")
 RUNNING_BUFFERS: tuple[str, ...] = ("running_mean", "running_var")
 """The buffers a ``"running"`` batch norm adds to the state dict (an ``"episode"`` one has none)."""
 LEAKY_SLOPE = 0.1
+INPUT_MEAN, INPUT_STD = "input_mean", "input_std"
+"""The buffers of a backbone that standardises its inputs (``normalize=True``)."""
 
 Film = Mapping[str, tuple[Tensor, Tensor]]
 
@@ -162,6 +164,7 @@ class Backbone(nn.Module, abc.ABC):
         image_size: int,
         feature_dim: int,
         bn_mode: BatchNormMode,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         _check_bn_mode(bn_mode)
@@ -183,6 +186,23 @@ class Backbone(nn.Module, abc.ABC):
         self._site_block = {
             site: index for index, block in enumerate(blocks) for site in block.sites
         }
+        self.normalize = normalize
+        if normalize:
+            self.register_buffer(INPUT_MEAN, torch.zeros(in_channels))
+            self.register_buffer(INPUT_STD, torch.ones(in_channels))
+
+    def set_input_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Set the per-channel mean and std that ``normalize`` standardises inputs with."""
+        if not self.normalize:
+            raise ValueError("this backbone does not normalise its inputs (normalize=False)")
+        with torch.no_grad():
+            self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
+            self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype))
+
+    def _standardise(self, x: Tensor) -> Tensor:
+        if not self.normalize:
+            return x
+        return (x - self.input_mean.view(1, -1, 1, 1)) / self.input_std.view(1, -1, 1, 1)
 
     @property
     def num_blocks(self) -> int:
@@ -210,6 +230,8 @@ class Backbone(nn.Module, abc.ABC):
         """
         self._check_input(x, 0)
         self._check_block_index(end_block, "end_block")
+        if end_block > 0:
+            x = self._standardise(x)
         for block in self.blocks[:end_block]:
             x = block(x, {})
         return x
@@ -224,6 +246,8 @@ class Backbone(nn.Module, abc.ABC):
         self._check_block_index(start_block, "start_block")
         self._check_input(x, start_block)
         self._check_film(film, start_block)
+        if start_block == 0:
+            x = self._standardise(x)
         for block in self.blocks[start_block:]:
             x = block(x, film)
         return self.embed(x)
@@ -269,6 +293,7 @@ class Conv4(Backbone):
         width: int = 64,
         image_size: int = 28,
         bn_mode: BatchNormMode = "episode",
+        normalize: bool = False,
     ) -> None:
         if width < 1 or in_channels < 1:
             raise ValueError(
@@ -285,6 +310,7 @@ class Conv4(Backbone):
             image_size=image_size,
             feature_dim=width * final_size**2,
             bn_mode=bn_mode,
+            normalize=normalize,
         )
 
     def embed(self, h: Tensor) -> Tensor:
@@ -304,6 +330,7 @@ class ResNet12(Backbone):
         widths: Sequence[int] = (64, 160, 320, 640),
         image_size: int = 84,
         bn_mode: BatchNormMode = "episode",
+        normalize: bool = False,
     ) -> None:
         widths = tuple(widths)
         if len(widths) != 4 or min(widths) < 1 or in_channels < 1:
@@ -321,6 +348,7 @@ class ResNet12(Backbone):
             image_size=image_size,
             feature_dim=widths[-1],
             bn_mode=bn_mode,
+            normalize=normalize,
         )
 
     def embed(self, h: Tensor) -> Tensor:
@@ -337,8 +365,8 @@ def build_backbone(spec: ModelSpec) -> Backbone:
     """The backbone a ``ModelSpec`` names. For ResNet-12, ``width`` is the first block's width and
     the others follow ``resnet12_widths``; build ``ResNet12`` directly for other widths."""
     if spec.backbone == "conv4":
-        return Conv4(spec.in_channels, spec.width, spec.image_size, spec.bn_mode)
+        return Conv4(spec.in_channels, spec.width, spec.image_size, spec.bn_mode, spec.normalize)
     if spec.backbone == "resnet12":
         widths = resnet12_widths(spec.width)
-        return ResNet12(spec.in_channels, widths, spec.image_size, spec.bn_mode)
+        return ResNet12(spec.in_channels, widths, spec.image_size, spec.bn_mode, spec.normalize)
     raise ValueError(f"unknown backbone {spec.backbone!r}; choose 'conv4' or 'resnet12'")

@@ -18,6 +18,7 @@ import io
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +66,30 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if hashlib.sha256(body).hexdigest() != recorded:
         raise CheckpointError(
             f"checkpoint {path} is corrupt: its contents do not match the sha256 recorded in it "
-            f"(damaged or half-copied); restore it or start again with --force"
+            f"(damaged or half-copied); restore a good copy, or train the run again "
+            f"(metafilm train ... --force)"
         )
     try:
         payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {path} cannot be unpickled safely: {error}") from None
+        raise CheckpointError(f"checkpoint {path} {_unsafe_reason(error)}") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a dict payload")
     return payload
+
+
+def _unsafe_reason(error: Exception) -> str:
+    """Why torch's safe loader refused a payload, in one line of our own (torch's text advises
+    loading the file unsafely, which a metafilm checkpoint never needs)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if found:
+        what = f"refers to the Python object {found.group(1)}"
+    else:
+        what = f"is not made of tensors and plain containers ({type(error).__name__})"
+    return (
+        f"cannot be unpickled safely: it {what}, which a metafilm checkpoint never holds; it "
+        f"is not loaded. Use a checkpoint metafilm wrote"
+    )
 
 
 def checkpoint_sha256(path: str | os.PathLike[str]) -> str:

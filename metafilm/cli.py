@@ -1,14 +1,18 @@
 """The `metafilm` command: train, pretrain, evaluate, report, sweep, data.
 
 Exit status 0 on success, 1 with a one-line `metafilm: error: ...` for anything a user's config,
-files or data can cause (no traceback), 2 for a malformed command line, 130 when interrupted.
-Genuine bugs still show their traceback.
+files or data can cause (no traceback), 2 for a malformed command line, 130 when interrupted
+(Ctrl-C) and 143 when terminated (SIGTERM), each with a line saying what is kept and how to go
+on. Genuine bugs still show their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import shlex
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,9 +21,11 @@ from typing import Any
 from tqdm import tqdm
 
 from episodes import CacheError, ChecksumError, DownloadError, load_omniglot
+from metafilm.checkpoint import CheckpointError, load_checkpoint
 from metafilm.config import ConfigError, load_config
 from metafilm.distributed import process_group
 from metafilm.report import (
+    LAST,
     ReportError,
     accuracy_summary,
     episode_classes,
@@ -43,12 +49,13 @@ RUNS_DIR = Path("runs")
 class BarProgress:
     """A tqdm bar per phase with ETA and the smoothed loss and accuracy."""
 
-    def __init__(self) -> None:
+    def __init__(self, unit: str = "step") -> None:
         self.bar: tqdm | None = None
         self.smoothed: dict[str, float] = {}
+        self.unit = unit
 
     def start(self, phase: str, done: int, total: int) -> None:
-        self.bar = tqdm(total=total, initial=done, desc=phase, unit="step", mininterval=0.5)
+        self.bar = tqdm(total=total, initial=done, desc=phase, unit=self.unit, mininterval=0.5)
         self.smoothed = {}
 
     def update(self, done: int, metrics: Mapping[str, float]) -> None:
@@ -57,11 +64,12 @@ class BarProgress:
                 old = self.smoothed.get(key, metrics[key])
                 self.smoothed[key] = 0.9 * old + 0.1 * metrics[key]
         assert self.bar is not None
-        self.bar.set_postfix(
-            loss=f"{self.smoothed.get('loss', float('nan')):.3f}",
-            acc=f"{self.smoothed.get('accuracy', float('nan')):.3f}",
-            refresh=False,
-        )
+        if self.smoothed:
+            self.bar.set_postfix(
+                loss=f"{self.smoothed.get('loss', float('nan')):.3f}",
+                acc=f"{self.smoothed.get('accuracy', float('nan')):.3f}",
+                refresh=False,
+            )
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -90,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: metafilm train configs/quickstart.toml && "
         "metafilm evaluate runs/quickstart && metafilm report runs/quickstart. "
         "Exit status: 0 success, 1 a config, data, checkpoint or run-directory problem (one "
-        "line on stderr), 2 a malformed command line, 130 interrupted.",
+        "line on stderr), 2 a malformed command line, 130 interrupted, 143 terminated.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -98,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="meta-train from a config",
         description="Meta-train from a TOML config into a run directory (config.toml, "
-        "metrics.jsonl, last.pt, best.pt, tensorboard/). With model.backbone_mode = 'frozen' "
-        "the backbone is first pretrained into the run's backbone.pt, unless pretrain.backbone "
-        "names a file written by 'metafilm pretrain'. Under torchrun (e.g. 'torchrun "
+        "metrics.jsonl, last.pt, best.pt, tensorboard/). With pretrain.enabled (the default for "
+        "model.backbone_mode = 'frozen') the backbone is first pretrained into the run's "
+        "backbone.pt, unless pretrain.backbone names a file written by 'metafilm pretrain'. "
+        "Under torchrun (e.g. 'torchrun "
         "--nproc_per_node=2 -m metafilm train CONFIG') each process takes an equal share of "
         "every meta-batch; see docs/distributed.md.",
     )
@@ -125,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain_parser = commands.add_parser(
         "pretrain",
-        help="pretrain a backbone for frozen-backbone runs",
-        description="Pretrain the backbone by plain classification over the training classes "
-        "(the [pretrain] section) and save it as RUN_DIR/backbone.pt, to be named by "
-        "pretrain.backbone in frozen-backbone configs. ('metafilm train' does this by itself "
-        "when pretrain.backbone is empty.)",
+        help="pretrain a backbone for later runs to start from",
+        description="Pretrain the backbone by classification over the training classes (the "
+        "[pretrain] section, with the training augmentation of [data]), checkpointed in "
+        "RUN_DIR/pretrain.pt, and save the backbone chosen on the validation episodes as "
+        "RUN_DIR/backbone.pt, to be named by pretrain.backbone in frozen or outer-trained "
+        "configs. ('metafilm train' does this by itself with pretrain.enabled when "
+        "pretrain.backbone is empty.)",
     )
     _add_config_arguments(pretrain_parser)
     pretrain_parser.add_argument(
@@ -137,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="RUN_DIR",
         help="directory to write (default: runs/<config file name>-pretrain)",
+    )
+    pretrain_parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue pretraining in RUN_DIR from pretrain.pt, reaching the same weights as an "
+        "uninterrupted run",
     )
     pretrain_parser.add_argument(
         "--force", action="store_true", help="delete an existing directory and start over"
@@ -326,7 +343,7 @@ def _run_train(args: argparse.Namespace) -> None:
 def _run_pretrain(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     out = args.out or RUNS_DIR / f"{args.config.stem}-pretrain"
-    path = pretrain_run(config, out, force=args.force, progress=BarProgress())
+    path = pretrain_run(config, out, resume=args.resume, force=args.force, progress=BarProgress())
     print(f"pretrained backbone saved to {path}; use it with --set pretrain.backbone={path}")
 
 
@@ -377,7 +394,13 @@ def _run_evaluate(args: argparse.Namespace) -> None:
             on_result=show_lake,
         )
         return
-    evaluate_checkpoint(checkpoint, overrides, data_root=args.data_root, on_result=show)
+    evaluate_checkpoint(
+        checkpoint,
+        overrides,
+        data_root=args.data_root,
+        on_result=show,
+        progress=BarProgress("episode"),
+    )
 
 
 def _run_report(args: argparse.Namespace) -> None:
@@ -385,13 +408,17 @@ def _run_report(args: argparse.Namespace) -> None:
         raise ReportError("a report of several runs needs --out DIR")
     out = args.out or args.runs[0] / "report"
     pairs: list[str] = []
+    replacing = (out / "report.md").is_file()
     written = write_report(
         args.runs,
         out,
         compare_published=args.compare_published,
         on_paired=lambda row: pairs.append(paired_line(row)),
     )
-    print(f"report written to {written[0]} ({', '.join(path.name for path in written[1:])})")
+    print(
+        f"report written to {written[0]} ({', '.join(path.name for path in written[1:])})"
+        + ("; it replaced the earlier report there" if replacing else "")
+    )
     for line in pairs:
         print(line)
 
@@ -429,28 +456,92 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, `kill`): handled like Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _train_dir(args: argparse.Namespace) -> Path:
+    return args.out or RUNS_DIR / args.config.stem
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues the run `args` started."""
+    words = ["metafilm", "train", str(args.config), "--out", str(_train_dir(args))]
+    for override in args.overrides:
+        words += ["--set", override]
+    return shlex.join([*words, "--resume"])
+
+
+def _last_checkpoint(args: argparse.Namespace) -> str:
+    """What a run being trained has kept: its last checkpoint and step, if any."""
+    path = _train_dir(args) / LAST
+    try:
+        step = load_checkpoint(path)["step"]
+    except CheckpointError:
+        return "no checkpoint was written yet"
+    return f"its last checkpoint {path} (step {step}) is intact"
+
+
+def _interrupted(args: argparse.Namespace, why: str) -> str:
+    """The line printed when a command is interrupted: what is kept and how to go on."""
+    if args.command == "train":
+        return f"metafilm: {why}; {_last_checkpoint(args)}: continue with {_resume_command(args)}"
+    if args.command == "sweep":
+        return (
+            f"metafilm: {why}; finished arms and the last checkpoint of the arm in training "
+            f"are kept: run the same metafilm sweep command again to resume"
+        )
+    if args.command == "pretrain":
+        return f"metafilm: {why}; pretraining is saved only at its end: run it again with --force"
+    return f"metafilm: {why}; every file is written whole, so none is half-written: run it again"
+
+
+def _no_space(args: argparse.Namespace, error: OSError) -> str:
+    """The line for a full disk: the file, what is intact, what to do."""
+    where = f" writing {error.filename}" if error.filename else ""
+    if args.command == "train":
+        return (
+            f"no space left on the device{where}; {_last_checkpoint(args)} (checkpoints are "
+            f"replaced atomically): free some space, then continue with {_resume_command(args)}"
+        )
+    return f"no space left on the device{where}: free some space and run the command again"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `metafilm` command line; return the exit status."""
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("metafilm")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    loggers = [logging.getLogger(name) for name in ("metafilm", "episodes")]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         COMMANDS[args.command](args)
     except (*USER_ERRORS, ReportError) as error:
         print(f"metafilm: error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # a path that cannot be read or written: the user's to fix
-        print(f"metafilm: error: {error}", file=sys.stderr)
+        message = _no_space(args, error) if error.errno == errno.ENOSPC else str(error)
+        print(f"metafilm: error: {message}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(_interrupted(args, "terminated (SIGTERM)"), file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(
-            "metafilm: interrupted; the last checkpoint is kept (continue with --resume)",
-            file=sys.stderr,
-        )
+        print(_interrupted(args, "interrupted"), file=sys.stderr)
         return 130
     finally:
-        logger.removeHandler(handler)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        for logger in loggers:
+            logger.removeHandler(handler)
     return 0

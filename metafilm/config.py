@@ -70,6 +70,17 @@ class DataConfig:
     augment_affine: bool = False
     """Distort every training image by its own random affine map (Koch et al.'s ranges, see
     `episodes.distort`); validation and test images are never distorted."""
+    normalize: bool = False
+    """Standardise each input channel by the mean and std of the training split's pixels
+    (computed once at the start of a run and saved with the model's weights)."""
+    augment_crop_padding: int = 0
+    """Photos: crop each training image at a random offset out of the image padded by this many
+    pixels (reflection) on every side; 0: off (`episodes.photo`)."""
+    augment_flip: bool = False
+    """Photos: flip each training image horizontally with probability 1/2."""
+    augment_jitter: float = 0.0
+    """Photos: colour jitter; brightness, contrast and saturation factors each drawn in
+    [1 - jitter, 1 + jitter]; 0: off."""
     train_alphabets: tuple[str, ...] | None = None
     """Omniglot only: train on these alphabets of `train_split` alone; None: all of them."""
     val_alphabets: tuple[str, ...] | None = None
@@ -96,14 +107,33 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Backbone pretraining (plain classification over the training classes), used only when
-    `model.backbone_mode = "frozen"`."""
+    """Backbone pretraining: classification over all training classes (`metafilm.pretrain`),
+    with the training augmentation of [data], before meta-training."""
 
+    enabled: bool | None = None
+    """Pretrain before meta-training; None: exactly when the backbone is frozen. An
+    outer-trained backbone then starts from the pretrained weights."""
     steps: int = 2000
+    """Length in steps when `epochs` is "none"."""
+    epochs: int | None = None
+    """Length in passes over the training split (each of `images // batch_size` steps)."""
     batch_size: int = 64
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """`sgd`: Nesterov momentum 0.9."""
     lr: float = 1e-3
+    schedule: Literal["constant", "cosine"] = "constant"
+    """`cosine`: the learning rate follows a half cosine from `lr` to 0 over the whole length."""
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    val_every: int = 0
+    """Every this many steps (and at the end), the few-shot accuracy of the backbone's
+    embedding on the fixed validation episodes of [train] (nearest prototype); the backbone
+    kept is the best one on them. 0: never; the last backbone is kept."""
+    checkpoint_every: int = 500
+    """Steps between two resumable pretraining checkpoints."""
     backbone: str = ""
-    """A backbone file written by `metafilm pretrain` to start from; empty: pretrain in the run."""
+    """A backbone file written by `metafilm pretrain` to start from (frozen or outer-trained);
+    empty: pretrain in the run when `enabled`."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +188,7 @@ MODEL_DERIVED: dict[str, str] = {
     "image_size": "data.image_size",
     "in_channels": "data.dataset",
     "head_ways": "data.ways",
+    "normalize": "data.normalize",
 }
 """ModelSpec fields not written in [model]: the setting each one follows."""
 
@@ -178,6 +209,9 @@ def _seed() -> tuple[Callable[[Any], bool], str]:
 
 _NON_NEGATIVE = ((lambda v: v >= 0), "must not be negative")
 _POSITIVE = ((lambda v: v > 0), "must be positive")
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: every number setting must fit (torch turns them into float32 tensors)."""
 
 _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.image_size": _at_least(1),
@@ -205,8 +239,19 @@ _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.val_seed": _seed(),
     "train.checkpoint_every": _at_least(1),
     "pretrain.steps": _at_least(1),
+    "pretrain.epochs": _at_least(1),
     "pretrain.batch_size": _at_least(1),
     "pretrain.lr": _POSITIVE,
+    "pretrain.weight_decay": _NON_NEGATIVE,
+    "pretrain.label_smoothing": ((lambda v: 0 <= v < 1), "must be in [0, 1)"),
+    "pretrain.val_every": _NON_NEGATIVE,
+    "pretrain.checkpoint_every": _at_least(1),
+    "data.augment_crop_padding": _NON_NEGATIVE,
+    "data.augment_jitter": ((lambda v: 0 <= v < 1), "must be in [0, 1)"),
+    "outer.aux_weight": _NON_NEGATIVE,
+    "outer.aux_decay": ((lambda v: 0 < v <= 1), "must be in (0, 1]"),
+    "outer.aux_decay_every": _NON_NEGATIVE,
+    "outer.aux_batch_size": _at_least(1),
     "eval.ways": _at_least(2),
     "eval.shots": _at_least(1),
     "eval.query": _at_least(1),
@@ -311,6 +356,11 @@ def _check_value(key: str, value: Any) -> None:
     for item in items:
         if isinstance(item, float) and not math.isfinite(item):
             raise ConfigError(f"{key} = {item} must be a finite number")
+        if isinstance(item, float) and abs(item) > FLOAT32_MAX:
+            raise ConfigError(
+                f"{key} = {item} is beyond what float32 (the model's precision) can hold, "
+                f"about 3.4e38: use a smaller value"
+            )
         if key in _VALUE_CHECKS and isinstance(item, int | float) and not isinstance(item, bool):
             accept, rule = _VALUE_CHECKS[key]
             if not accept(item):
@@ -394,6 +444,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
         image_size=data.image_size,
         in_channels=dataset["channels"],
         head_ways=data.ways,
+        normalize=data.normalize,
     )
     adapt: AdaptSpec = parts["adapt"]
     evaluation: EvalConfig = parts["eval"]
@@ -412,15 +463,36 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
             'model.bn_mode = "episode" keeps none: train with model.bn_mode = "running" '
             '(its evaluations can then use either), or test with eval.bn_mode = "episode"'
         )
+    pretrain = _resolve_pretrain(parts["pretrain"], model, parts["outer"])
     return RunConfig(
         data=data,
         model=model,
         adapt=adapt,
         outer=parts["outer"],
         train=parts["train"],
-        pretrain=parts["pretrain"],
+        pretrain=pretrain,
         eval=evaluation,
     )
+
+
+def _resolve_pretrain(
+    pretrain: PretrainConfig, model: ModelSpec, outer: OuterSpec
+) -> PretrainConfig:
+    """`pretrain.enabled` resolved (None: when the backbone is frozen); a frozen backbone that is
+    neither pretrained nor loaded, and co-training that nothing could learn from, refused."""
+    frozen = model.backbone_mode == "frozen"
+    enabled = frozen if pretrain.enabled is None else pretrain.enabled
+    if frozen and not enabled and not pretrain.backbone:
+        raise ConfigError(
+            'pretrain.enabled = false with model.backbone_mode = "frozen" would freeze random '
+            "weights: enable pretraining or name a pretrained file in pretrain.backbone"
+        )
+    if frozen and outer.aux_weight > 0:
+        raise ConfigError(
+            "outer.aux_weight > 0 trains the backbone by classification, but it is frozen: set "
+            'outer.aux_weight = 0 or model.backbone_mode = "outer"'
+        )
+    return dataclasses.replace(pretrain, enabled=enabled)
 
 
 def _check_alphabets(data: DataConfig, evaluation: EvalConfig) -> None:

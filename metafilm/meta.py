@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal, NamedTuple
 
@@ -274,6 +274,26 @@ def learning_rate(outer: OuterSpec, step: int) -> float:
     return outer.lr * outer.lr_decay ** (step // outer.lr_decay_every)
 
 
+def auxiliary_weight(outer: OuterSpec, step: int) -> float:
+    """The weight of the auxiliary co-training loss at ``step``: ``aux_weight`` decayed by
+    ``aux_decay`` every ``aux_decay_every`` steps (a function of the step alone)."""
+    if outer.aux_decay_every == 0:
+        return outer.aux_weight
+    return outer.aux_weight * outer.aux_decay ** (step // outer.aux_decay_every)
+
+
+@dataclass(frozen=True)
+class Auxiliary:
+    """TADAM's auxiliary co-training term of one outer step: ``classifier`` (over all training
+    classes) on the unmodulated backbone embedding of ``images``, cross-entropy with ``labels``,
+    times ``weight``."""
+
+    classifier: torch.nn.Module
+    images: Tensor
+    labels: Tensor
+    weight: float
+
+
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Give every parameter group of ``optimizer`` the learning rate ``lr``."""
     for group in optimizer.param_groups:
@@ -288,12 +308,15 @@ def meta_step(
     outer: OuterSpec,
     *,
     reduce_gradients: Callable[[list[Tensor]], None] | None = None,
+    auxiliary: Auxiliary | None = None,
 ) -> dict[str, float]:
     """One outer update on a meta-batch; returns its training metrics.
 
     Minimises the mean query loss after adaptation + ``outer.film_l2`` * squared size of the
     adapted deviations + ``outer.postmult_l2`` * squared post-multipliers (the encoder weight decay
-    lives in the optimiser), with the gradient norm clipped to ``outer.grad_clip``. Metrics:
+    lives in the optimiser) + ``auxiliary.weight`` * the auxiliary classification loss (TADAM's
+    co-training, when given; its classifier must be in ``optimizer``), with the gradient norm
+    clipped to ``outer.grad_clip``. Metrics (``aux_loss`` with ``auxiliary``):
     ``loss`` (query loss), ``accuracy``, ``grad_norm`` (before clipping) and per site
     ``film_predicted/<site>``, ``film_adapted/<site>`` (RMS deviation sizes, averaged over tasks).
     ``reduce_gradients`` (distributed training) replaces the trainable parameters' gradients in
@@ -305,6 +328,12 @@ def meta_step(
     if learner.encoder is not None and outer.postmult_l2:
         (outer.postmult_l2 * learner.encoder.postmult.pow(2).sum()).backward()
     trainable = [p for p in learner.parameters() if p.requires_grad]
+    if auxiliary is not None:
+        logits = auxiliary.classifier(learner.backbone(auxiliary.images))
+        aux_loss = F.cross_entropy(logits, auxiliary.labels)
+        (auxiliary.weight * aux_loss).backward()
+        metrics["aux_loss"] = aux_loss.detach()
+        trainable += list(auxiliary.classifier.parameters())
     if reduce_gradients is not None:
         reduce_gradients([p.grad for p in trainable if p.grad is not None])
     max_norm = math.inf if outer.grad_clip is None else outer.grad_clip
@@ -414,11 +443,11 @@ def input_builder(
 def _gather_features(features: Tensor, index_episode: IndexEpisode) -> Episode:
     """``gather`` for cached per-image features."""
     ep = index_episode
-    if bool(ep.rotations.any()) or ep.affines is not None:
+    if bool(ep.rotations.any()) or ep.affines is not None or ep.photo is not None:
         raise ValueError(
-            "rotation and affine augmentation change images, not cached prefix features: sample "
-            "without augment_rotations and augment_affine when the backbone is frozen with "
-            "running batch norm"
+            "rotation, affine and photo augmentation change images, not cached prefix features: "
+            "sample without augment_rotations, augment_affine and photo when the backbone is "
+            "frozen with running batch norm"
         )
     return Episode(
         support_x=features[ep.support_idx],

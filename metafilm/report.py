@@ -12,7 +12,9 @@ over the `n` episodes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from metafilm.config import ConfigError, RunConfig, config_to_dict, load_config
+from metafilm.markers import REPORT_MARKER, is_empty_dir, is_marked, mark
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -71,6 +74,9 @@ EPISODE_KEYS = (
 """The fields of an evaluation record that fix its episodes, with its alphabets (`episodes_of`):
 two records that agree on all of them were computed on the same episodes, so their accuracies
 pair up episode by episode."""
+
+
+log = logging.getLogger(__name__)
 
 
 class ReportError(RuntimeError):
@@ -230,6 +236,9 @@ class RunFiles:
     config: RunConfig
     metrics: list[dict[str, Any]]
     evaluations: list[dict[str, Any]]
+    stale: tuple[Path, ...] = ()
+    """Evaluation files of an earlier checkpoint of the same name (its sha256 differs from the
+    file's now): left out of `evaluations`."""
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -254,7 +263,9 @@ def read_run(path: str | os.PathLike[str]) -> RunFiles:
     except ConfigError as error:
         raise ReportError(f"{path} is not a usable run directory: {error}") from None
     evaluations: list[dict[str, Any]] = []
-    for file in (path / EVAL_DIR).glob("*.json"):
+    stale: list[Path] = []
+    digests: dict[str, str | None] = {}
+    for file in sorted((path / EVAL_DIR).glob("*.json")):
         try:
             evaluation = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
@@ -270,9 +281,31 @@ def read_run(path: str | os.PathLike[str]) -> RunFiles:
                 f"evaluation file {file} holds no per-episode accuracies: not written by "
                 f"metafilm evaluate (delete it and evaluate again)"
             )
+        name = str(evaluation["checkpoint"])
+        if name not in digests:
+            checkpoint = path / name
+            digests[name] = _sha256(checkpoint) if checkpoint.is_file() else None
+        if digests[name] not in (None, evaluation["checkpoint_sha256"]):
+            stale.append(file)
+            continue
         evaluations.append(evaluation)
+    if stale:
+        log.warning(
+            f"warning: {len(stale)} evaluation file(s) of {path} were computed on an earlier "
+            f"checkpoint of the same name and are left out (e.g. {stale[0].name}); run metafilm "
+            f"evaluate again"
+        )
     evaluations.sort(key=lambda e: (*(e[key] for key in EVAL_ORDER), bn_mode_tested(e)))
-    return RunFiles(path.name, path, config, read_metrics(path / METRICS_FILE), evaluations)
+    metrics = read_metrics(path / METRICS_FILE)
+    return RunFiles(path.name, path, config, metrics, evaluations, tuple(stale))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def setting_label(evaluation: Mapping[str, Any]) -> str:
@@ -342,15 +375,59 @@ def evaluation_label(evaluation: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def paired_differences(run: RunFiles, base: RunFiles) -> dict[str, dict[str, Any]]:
+LABEL_DETAILS = (("episode_seed", "seed {}"), ("query", "{} query"), ("episodes", "{} episodes"))
+"""What fixes episodes besides the label's split and setting, as a label states it when needed."""
+
+
+def evaluation_labels(evaluations: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The labels of evaluations shown together (in one report, one comparison): each
+    `evaluation_label`, followed by the episode seed, the query size or the episode count
+    wherever evaluations of that label differ in it, so that no two evaluations of other episodes
+    share a label."""
+    plain = [evaluation_label(evaluation) for evaluation in evaluations]
+    values: dict[tuple[str, str], set[str]] = {}
+    for label, evaluation in zip(plain, evaluations, strict=True):
+        for key, _ in LABEL_DETAILS:
+            values.setdefault((label, key), set()).add(json.dumps(evaluation.get(key)))
+    return [
+        " ".join(
+            [label]
+            + [
+                text.format(evaluation.get(key))
+                for key, text in LABEL_DETAILS
+                if len(values[label, key]) > 1
+            ]
+        )
+        for label, evaluation in zip(plain, evaluations, strict=True)
+    ]
+
+
+def labelled(runs: Sequence[RunFiles]) -> dict[int, str]:
+    """`evaluation_labels` of every evaluation of `runs`, by `id` of the evaluation record."""
+    evaluations = [evaluation for run in runs for evaluation in run.evaluations]
+    labels = evaluation_labels(evaluations)
+    return {id(evaluation): label for evaluation, label in zip(evaluations, labels, strict=True)}
+
+
+def paired_differences(
+    run: RunFiles, base: RunFiles, among: Sequence[RunFiles] | None = None
+) -> dict[str, dict[str, Any]]:
     """Per evaluation label, `run`'s accuracy minus `base`'s on the same episodes: mean and 95% CI
-    of the per-episode differences. Labels whose episodes differ between the two are left out."""
-    bases = {evaluation_label(evaluation): evaluation for evaluation in base.evaluations}
+    of the per-episode differences. Evaluations pair when they have the same label among the
+    runs `among` (default: these two; see `evaluation_labels`) and the very same episodes
+    (`episodes_of`); the others are left out. Swapping `run` and `base` negates each difference
+    and pairs the same evaluations."""
+    labels = labelled(among if among is not None else (run, base))
+    bases = {
+        (labels[id(evaluation)], episodes_of(evaluation)): evaluation
+        for evaluation in base.evaluations
+    }
     differences = {}
     for evaluation in run.evaluations:
-        other = bases.get(evaluation_label(evaluation))
-        if other is not None and episodes_of(evaluation) == episodes_of(other):
-            differences[evaluation_label(evaluation)] = accuracy_summary(
+        label = labels[id(evaluation)]
+        other = bases.get((label, episodes_of(evaluation)))
+        if other is not None:
+            differences[label] = accuracy_summary(
                 np.subtract(evaluation["accuracies"], other["accuracies"])
             )
     return differences
@@ -382,7 +459,7 @@ def paired_rows(runs: Sequence[RunFiles]) -> list[dict[str, Any]]:
     return [
         {"run": run.name, "base": base.name, "evaluation": label, **summary}
         for run in runs[1:]
-        for label, summary in paired_differences(run, base).items()
+        for label, summary in paired_differences(run, base, among=runs).items()
     ]
 
 
@@ -626,16 +703,25 @@ def _plot_training_curves(runs: Sequence[RunFiles], path: Path) -> None:
     plt.close(figure)
 
 
+def accuracy_plot_labels(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The x labels of the accuracy plot: run, setting, classes, then the seed, query size or
+    episode count where evaluations of one label differ in it (`evaluation_labels`)."""
+    labels = evaluation_labels(results)
+    plain = [evaluation_label(r) for r in results]
+    return [
+        f"{r['run']}\n{setting_label(r)}\n{episode_classes(r)}"
+        + ("\nrunning BN" if bn_mode_tested(r) == "running" else "")
+        + (f"\n{label.removeprefix(bare).strip()}" if label != bare else "")
+        for r, label, bare in zip(results, labels, plain, strict=True)
+    ]
+
+
 def _plot_accuracy(results: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(results) + 2), 4.5), dpi=100)
     if results:
-        labels = [
-            f"{r['run']}\n{setting_label(r)}\n{episode_classes(r)}"
-            + ("\nrunning BN" if bn_mode_tested(r) == "running" else "")
-            for r in results
-        ]
+        labels = accuracy_plot_labels(results)
         means = [100 * r["mean"] for r in results]
         errors = [0 if r["ci95"] is None else 100 * r["ci95"] for r in results]
         positions = np.arange(len(results))
@@ -690,6 +776,18 @@ def _plot_film_diagnostics(runs: Sequence[RunFiles], path: Path) -> None:
     plt.close(figure)
 
 
+def check_report_dir(out: Path) -> None:
+    """Refuse a report folder that is a file, or that holds files `metafilm report` did not write
+    there (no `REPORT_MARKER`): a report only ever replaces an earlier report."""
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file, not a folder; choose another --out")
+    if out.is_dir() and not is_marked(out, REPORT_MARKER) and not is_empty_dir(out):
+        raise ReportError(
+            f"{out} already holds files that metafilm report did not write (no {REPORT_MARKER} "
+            f"marker); choose a new --out"
+        )
+
+
 def write_report(
     run_dirs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -697,8 +795,9 @@ def write_report(
     compare_published: bool = False,
     on_paired: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[Path]:
-    """Write `report.md`, `report.json` and the PNG figures for `run_dirs` into `out_dir`;
-    `on_paired` is called with each paired difference (see `paired_rows`)."""
+    """Write `report.md`, `report.json` and the PNG figures for `run_dirs` into `out_dir` (new, or
+    an earlier report: see `check_report_dir`); `on_paired` is called with each paired difference
+    (see `paired_rows`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -715,7 +814,8 @@ def write_report(
         for row in paired:
             on_paired(row)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_report_dir(out)
+    mark(out, REPORT_MARKER)
     document = {
         "statistics": {"ci95": f"{CI_Z} * std / sqrt(episodes)", "std": STD_KIND},
         "runs": [

@@ -28,6 +28,9 @@ class ModelSpec:
     head: Literal["prototype", "linear"] = "prototype"
     head_ways: int = 5
     backbone_mode: Literal["outer", "frozen"] = "outer"
+    normalize: bool = False
+    """Standardise each input channel by the training split's mean and std (buffers of the
+    backbone, filled from the data before training and saved with the weights)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,15 @@ class OuterSpec:
     """Adam weight decay of the encoder's predictor (and of nothing else)."""
     grad_clip: float | None = 10.0
     """Largest norm of the meta-gradient (all trainable parameters together); None: no clipping."""
+    aux_weight: float = 0.0
+    """TADAM's auxiliary co-training: weight of a classification loss over all training classes
+    (a linear classifier on the unmodulated backbone embedding of ``aux_batch_size`` training
+    images per step), added to the outer objective; 0: off. Needs an outer-trained backbone."""
+    aux_decay: float = 1.0
+    """Factor applied to ``aux_weight`` every ``aux_decay_every`` steps (TADAM annealed it)."""
+    aux_decay_every: int = 0
+    """Steps between two decays of the auxiliary weight; 0: a constant weight."""
+    aux_batch_size: int = 64
     strategy: Literal["auto", "loop", "vmap"] = "auto"
     """How a meta-batch is computed: ``loop``, task after task, each back-propagated at once (the
     memory of one task; the faster for a full backbone on CPU), or ``vmap``, all tasks together

@@ -28,12 +28,13 @@ import numpy as np
 
 from metafilm.checkpoint import load_checkpoint
 from metafilm.config import ConfigError, RunConfig, load_config, parse_override
+from metafilm.markers import SWEEP_MARKER, is_empty_dir, is_marked, mark
 from metafilm.report import (
     CONFIG_FILE,
     LAST,
     RunFiles,
     accuracy_summary,
-    evaluation_label,
+    labelled,
     mean_ci_text,
     paired_differences,
     read_run,
@@ -41,6 +42,7 @@ from metafilm.report import (
 )
 from metafilm.train import (
     Progress,
+    RunError,
     check_run_dir,
     evaluate_checkpoint,
     resolve_checkpoint,
@@ -130,11 +132,14 @@ def _mean_of_prefix(row: Mapping[str, Any] | None, prefix: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def arm_summary(arm: Arm, run: RunFiles) -> dict[str, Any]:
+def arm_summary(arm: Arm, run: RunFiles, labels: Mapping[int, str] | None = None) -> dict[str, Any]:
     """An arm's comparison figures: accuracy with 95% CI per split and setting, the final train
-    and validation accuracy and their gap, and the final RMS FiLM deviations (mean over sites)."""
+    and validation accuracy and their gap, and the final RMS FiLM deviations (mean over sites).
+    `labels` (`metafilm.report.labelled` of all arms) names the evaluations; by default they are
+    labelled among this run's own."""
+    labels = labelled([run]) if labels is None else labels
     results = {
-        evaluation_label(evaluation): accuracy_summary(evaluation["accuracies"])
+        labels[id(evaluation)]: accuracy_summary(evaluation["accuracies"])
         for evaluation in run.evaluations
     }
     train_accuracy = _last(run.metrics, "accuracy")
@@ -256,6 +261,18 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def check_sweep_dir(out: Path) -> None:
+    """Refuse a sweep folder that is a file, or that holds files `metafilm sweep` did not write
+    (no `SWEEP_MARKER`): a sweep only ever resumes an earlier sweep."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder; choose another --out")
+    if out.is_dir() and not is_marked(out, SWEEP_MARKER) and not is_empty_dir(out):
+        raise RunError(
+            f"{out} already holds files that metafilm sweep did not write (no {SWEEP_MARKER} "
+            f"marker); choose a new --out"
+        )
+
+
 def run_sweep(
     config_path: str | Path,
     grid: Sequence[str],
@@ -280,7 +297,8 @@ def run_sweep(
 
     arms = one_at_a_time_arms(axes, arm_config) if one_at_a_time else grid_arms(axes)
     configs = {arm: arm_config(arm) for arm in arms}
-    out.mkdir(parents=True, exist_ok=True)
+    check_sweep_dir(out)
+    mark(out, SWEEP_MARKER)
     rows, runs = [], []
     for arm, config in configs.items():
         run_dir = out / arm.name
@@ -299,9 +317,11 @@ def run_sweep(
         rows.append(row)
         if on_arm is not None:
             on_arm(arm, row)
+    labels = labelled(runs)  # labels that tell apart every evaluation of every arm
+    rows = [arm_summary(arm, run, labels) for arm, run in zip(arms, runs, strict=True)]
     if one_at_a_time:  # the base arm comes first
         for row, run in zip(rows[1:], runs[1:], strict=True):
-            row["vs_base"] = paired_differences(run, runs[0])
+            row["vs_base"] = paired_differences(run, runs[0], among=runs)
     written = [out / "sweep.md", out / "sweep.json", out / SUMMARY_FIGURE]
     written[0].write_text(
         _markdown(config_path, overrides, axes, one_at_a_time, rows), encoding="utf-8"

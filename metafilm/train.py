@@ -40,7 +40,6 @@ import logging
 import math
 import platform
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -50,11 +49,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from episodes.classes import ClassImages
+from episodes.classes import ClassImages, channel_statistics
 from episodes.integrity import CacheError, ChecksumError, atomic_writer
 from episodes.lake import load_lake_runs
 from episodes.miniimagenet import load_miniimagenet
 from episodes.omniglot import load_omniglot
+from episodes.photo import PhotoAugmentation
 from episodes.sampler import Episode, EpisodeSampler, FixedEpisodes
 from metafilm.backbones import RUNNING_BUFFERS
 from metafilm.checkpoint import (
@@ -81,7 +81,10 @@ from metafilm.config import (
 )
 from metafilm.distributed import SINGLE_PROCESS, Distributed, DistributedError
 from metafilm.learner import FiLMLearner
+from metafilm.markers import RUN_MARKER, clear_run_dir, is_marked, mark
 from metafilm.meta import (
+    Auxiliary,
+    auxiliary_weight,
     evaluate,
     input_builder,
     learning_rate,
@@ -89,7 +92,15 @@ from metafilm.meta import (
     meta_step,
     set_learning_rate,
 )
-from metafilm.pretrain import pretrain_backbone
+from metafilm.pretrain import (
+    PretrainState,
+    Validation,
+    auxiliary_batch,
+    make_classifier,
+    pretrain_backbone,
+    pretrain_lr,
+    total_steps,
+)
 from metafilm.report import (
     BEST,
     CONFIG_FILE,
@@ -102,6 +113,8 @@ from metafilm.report import (
 from metafilm.specs import AdaptSpec, BatchNormMode
 
 BACKBONE = "backbone.pt"
+PRETRAIN_CHECKPOINT = "pretrain.pt"
+PRETRAIN_METRICS = "pretrain_metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 EVAL_BATCH = 50
 """Fixed episodes gathered per batch in evaluation (memory only; results do not depend on it)."""
@@ -154,7 +167,13 @@ def load_split(
         raise DataError(f"cannot load {data.dataset} split {split!r}: {error}") from None
 
 
-AUGMENTATIONS = ("augment_rotations", "augment_affine")
+AUGMENTATIONS = (
+    "augment_rotations",
+    "augment_affine",
+    "augment_crop_padding",
+    "augment_flip",
+    "augment_jitter",
+)
 """The `[data]` settings that change training images as they are drawn."""
 
 
@@ -169,7 +188,8 @@ def build_learner(config: RunConfig) -> FiLMLearner:
         raise ConfigError(
             f"{' and '.join(augmenting)} change training images, but a frozen backbone with "
             "running batch norm and no FiLM site in block 1 computes its first blocks once per "
-            "image: turn the augmentation off, or use FiLM in block 1 or bn_mode 'episode'"
+            "image: turn the augmentation off (pretrain with it by 'metafilm pretrain' and pass "
+            "pretrain.backbone), or use FiLM in block 1 or bn_mode 'episode'"
         )
     return learner
 
@@ -190,12 +210,19 @@ def read_run_config(run_dir: Path) -> RunConfig:
 
 
 def check_run_dir(run_dir: Path, config: RunConfig, *, resume: bool, force: bool) -> None:
-    """Refuse, before any work, a run directory that cannot be used as asked. Changes nothing."""
+    """Refuse, before any work, a run directory that cannot be used as asked. Changes nothing.
+
+    `--force` starts over only in a directory that metafilm marked as a run of its own when the
+    run started (`metafilm.markers.RUN_MARKER`); it then deletes only what metafilm wrote there.
+    """
     if resume and force:
         raise RunError("--resume continues a run and --force starts it over: pass only one")
     existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())
+    if existing == run_dir and not run_dir.is_dir():
+        raise RunError(f"--out {run_dir} is a file, not a run directory; choose another --out")
     if existing != run_dir and not existing.is_dir():
         raise RunError(f"cannot create {run_dir}: {existing} is a file; choose another --out")
+    marked = is_marked(run_dir, RUN_MARKER)
     if resume:
         if not (run_dir / CONFIG_FILE).is_file():
             raise RunError(
@@ -203,29 +230,39 @@ def check_run_dir(run_dir: Path, config: RunConfig, *, resume: bool, force: bool
             )
         differences = trajectory_differences(read_run_config(run_dir), config)
         if differences:
+            start_over = "--force to start over" if marked else "delete it to start over"
             raise RunError(
                 f"cannot resume {run_dir} with another config ({'; '.join(differences)}); only "
                 f"train.steps and data paths may change. Use the saved {run_dir / CONFIG_FILE}, "
-                f"a new --out, or --force to start over"
+                f"a new --out, or {start_over}"
             )
-    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / CONFIG_FILE).is_file() and not marked:
+            raise RunError(
+                f"{run_dir} exists and is not a metafilm run directory; choose another --out "
+                f"(--force only replaces run directories metafilm created)"
+            )
         if not force:
             raise RunError(
                 f"run directory {run_dir} already exists; pass --resume to continue it or "
-                f"--force to start it over"
+                + ("--force to start it over" if marked else "choose another --out")
             )
-        if not (run_dir / CONFIG_FILE).is_file():
+        if not marked:
             raise RunError(
-                f"{run_dir} exists and is not a metafilm run directory (no {CONFIG_FILE}); "
-                f"--force only replaces run directories: choose another --out"
+                f"{run_dir} was not created by metafilm train (no {RUN_MARKER} marker), so "
+                f"--force deletes nothing in it; choose another --out, or delete it yourself"
             )
 
 
 def start_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
-    """Create (or, after `check_run_dir` allowed it, clear) the run directory; save the config."""
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Create (or, after `check_run_dir` allowed it, clear of what metafilm wrote) the run
+    directory, mark it as a metafilm run (`RUN_MARKER`) and save the config."""
+    if not resume and is_marked(run_dir, RUN_MARKER):
+        kept = clear_run_dir(run_dir)
+        if kept:
+            names = ", ".join(path.name for path in kept[:5]) + (" ..." if len(kept) > 5 else "")
+            log.info(f"--force kept what metafilm did not write in {run_dir}: {names}")
+    mark(run_dir, RUN_MARKER)
     with atomic_writer(run_dir / CONFIG_FILE) as file:
         file.write(to_toml(config).encode("utf-8"))
 
@@ -255,23 +292,47 @@ class RunWriter:
     In a distributed run only rank 0 owns one.
     """
 
-    def __init__(self, run_dir: Path, resume_step: int) -> None:
+    def __init__(self, run_dir: Path, resume_step: int, metrics_name: str = METRICS_FILE) -> None:
         self.run_dir = run_dir
-        self.metrics_path = run_dir / METRICS_FILE
+        self.metrics_path = run_dir / metrics_name
         truncate_metrics(self.metrics_path, resume_step)
-        self.tensorboard = _tensorboard_writer(run_dir / TENSORBOARD_DIR, resume_step + 1)
+        board = run_dir / TENSORBOARD_DIR
+        if metrics_name != METRICS_FILE:  # another stage (pretraining): its own event files
+            board = board / Path(metrics_name).stem
+        self.tensorboard = _tensorboard_writer(board, resume_step + 1)
+        self.last_good: int | None = None
+        """The step of the last training checkpoint written as `last.pt`, once known."""
 
     def row(self, row: Mapping[str, Any]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as file:
-            file.write(json.dumps(row) + "\n")
-            file.flush()
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as file:
+                file.write(json.dumps(row) + "\n")
+                file.flush()
+        except OSError as error:  # a full disk names no file: name it
+            if error.filename is not None:
+                raise
+            raise OSError(error.errno, error.strerror, str(self.metrics_path)) from error
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key != "step" and value is not None:
                     self.tensorboard.add_scalar(key, value, row["step"])
 
     def checkpoint(self, name: str, payload: dict[str, Any]) -> None:
+        """Write a checkpoint; a training checkpoint only if its weights are good
+        (`GOOD_CHECKPOINT`), else the run stops as diverged and the last good one is kept."""
+        if payload.get("kind") == "train":
+            if self.last_good is None and (self.run_dir / LAST).is_file():
+                self.last_good = load_checkpoint(self.run_dir / LAST)["step"]
+            bad = _bad_weight(payload["model"])
+            if bad is not None:
+                raise DivergedError(
+                    f"training diverged at step {payload['step']}: {bad}; "
+                    f"{_kept(self.run_dir, self.last_good)}. Lower adapt.inner_lr or outer.lr "
+                    f"and start over with --force"
+                )
         save_checkpoint(self.run_dir / name, payload)
+        if name == LAST and payload.get("kind") == "train":
+            self.last_good = payload["step"]
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -325,47 +386,139 @@ def validate(
     return processes.gather_shards(mine, len(source))
 
 
-def _backbone_payload(learner: FiLMLearner, config: RunConfig) -> dict[str, Any]:
+def photo_augmentation(data: DataConfig) -> PhotoAugmentation:
+    """The photo augmentation of training images that `[data]` describes."""
+    return PhotoAugmentation(data.augment_crop_padding, data.augment_flip, data.augment_jitter)
+
+
+def _standardise_inputs(learner: FiLMLearner, config: RunConfig, classes: ClassImages) -> None:
+    """With `data.normalize`, give the backbone the training split's per-channel statistics
+    (they travel with its weights in every checkpoint and backbone file)."""
+    if not config.data.normalize:
+        return
+    mean, std = channel_statistics(classes.images)
+    learner.backbone.set_input_statistics(mean, std)
+    shown = ", ".join(f"{m:.4f} / {s:.4f}" for m, s in zip(mean, std, strict=True))
+    log.info(f"input normalisation, mean / std per channel of {config.data.train_split}: {shown}")
+
+
+def _pretrain_payload(
+    learner: FiLMLearner, config: RunConfig, state: PretrainState, window: LogWindow
+) -> dict[str, Any]:
+    """The resumable pretraining checkpoint (`pretrain.pt`)."""
     return {
-        "kind": "backbone",
+        "kind": "pretrain",
+        "config_hash": config_hash(config),
         "backbone": learner.backbone.state_dict(),
-        "config": config_to_dict(config),
+        **dataclasses.asdict(state),
+        "window": {"sums": dict(window.sums), "count": window.count},
     }
+
+
+def _pretrain_resume(
+    learner: FiLMLearner, config: RunConfig, path: Path
+) -> tuple[PretrainState, LogWindow] | None:
+    """The pretraining checkpoint `path` loaded into `learner.backbone` (None if absent)."""
+    if not path.is_file():
+        return None
+    payload = load_checkpoint(path)
+    names = [f.name for f in dataclasses.fields(PretrainState)]
+    require_keys(payload, ("kind", "config_hash", "backbone", "window", *names), path)
+    if payload["kind"] != "pretrain" or payload["config_hash"] != config_hash(config):
+        raise CheckpointError(
+            f"{path} was not written by pretraining with this config; use the run's own "
+            f"{CONFIG_FILE} or start over with --force"
+        )
+    learner.backbone.load_state_dict(payload["backbone"])
+    log.info(f"resuming pretraining from step {payload['step']} ({path})")
+    window = LogWindow(dict(payload["window"]["sums"]), payload["window"]["count"])
+    return PretrainState(**{name: payload[name] for name in names}), window
 
 
 def pretrain(
     config: RunConfig,
     learner: FiLMLearner,
-    classes: ClassImages,
+    sources: _Sources,
+    run_dir: Path,
     progress: Progress | None = None,
+    *,
+    write: bool = True,
 ) -> dict[str, Any]:
-    """Pretrain `learner.backbone` in place on `classes`; return the backbone file's payload."""
-    settings = config.pretrain
+    """Pretrain `learner.backbone` in place (`metafilm.pretrain`), continuing from
+    `run_dir/pretrain.pt` if an earlier attempt wrote it; return the backbone file's payload.
+
+    With `write`, checkpoints go to `pretrain.pt` every `pretrain.checkpoint_every` steps and
+    rows (mean loss and accuracy since the last row, learning rate, validation accuracy) to
+    `pretrain_metrics.jsonl` every `train.log_every` steps.
+    """
+    settings, classes = config.pretrain, sources.train_classes
+    total = total_steps(settings, len(classes.images))
+    resumed = _pretrain_resume(learner, config, run_dir / PRETRAIN_CHECKPOINT)
+    state, window = resumed if resumed is not None else (None, LogWindow())
+    done = 0 if state is None else state.step
+    writer = RunWriter(run_dir, done, PRETRAIN_METRICS) if write else None
+    validation = None
+    if settings.val_every and sources.validation is not None:
+        validation = Validation(sources.val_classes, sources.validation)
+    pending: dict[str, Any] = {}
     if progress is not None:
-        progress.start("pretrain", 0, settings.steps)
+        progress.start("pretrain", done, total)
 
     def on_step(step: int, loss: float, accuracy: float) -> None:
         if not math.isfinite(loss):
             raise DivergedError(
                 f"pretraining loss became {loss} at step {step + 1}; lower pretrain.lr"
             )
+        window.add({"loss": loss, "accuracy": accuracy})
+        if (step + 1) % config.train.log_every == 0 or step + 1 == total:
+            pending.update(window.flush(), lr=pretrain_lr(settings, step, total))
         if progress is not None:
             progress.update(step + 1, {"loss": loss, "accuracy": accuracy})
 
+    def on_validation(step: int, accuracies: np.ndarray) -> None:
+        summary = accuracy_summary(accuracies)
+        pending.update(val_accuracy=summary["mean"], val_ci95=summary["ci95"])
+
+    def on_checkpoint(now: PretrainState) -> None:
+        if writer is not None:
+            writer.checkpoint(PRETRAIN_CHECKPOINT, _pretrain_payload(learner, config, now, window))
+
+    def on_step_end(now: PretrainState) -> None:
+        if pending and writer is not None:
+            writer.row({"step": now.step, "wall_time": round(now.wall_time, 3), **pending})
+        pending.clear()
+
     try:
-        pretrain_backbone(
+        state = pretrain_backbone(
             learner.backbone,
             classes,
-            steps=settings.steps,
-            batch_size=settings.batch_size,
-            lr=settings.lr,
+            settings,
             seed=config.train.seed,
+            photo=photo_augmentation(config.data),
+            validation=validation,
+            resume=state,
             on_step=on_step,
+            on_validation=on_validation,
+            on_step_end=on_step_end,
+            on_checkpoint=on_checkpoint,
+            clock=time.perf_counter,
         )
     finally:
+        if writer is not None:
+            writer.close()
         if progress is not None:
             progress.close()
-    return _backbone_payload(learner, config)
+    return {
+        "kind": "backbone",
+        "backbone": learner.backbone.state_dict(),
+        "config": config_to_dict(config),
+        "pretrain": {
+            "steps": state.step,
+            "best_val_accuracy": state.best,
+            "best_step": state.best_step,
+            "wall_time": state.wall_time,
+        },
+    }
 
 
 def load_backbone(learner: FiLMLearner, path: Path) -> None:
@@ -379,7 +532,7 @@ def load_backbone(learner: FiLMLearner, path: Path) -> None:
     except RuntimeError as error:
         raise CheckpointError(
             f"backbone file {path} does not fit model {learner.model_spec.backbone} of width "
-            f"{learner.model_spec.width}: {error}"
+            f"{learner.model_spec.width} (normalize = {learner.model_spec.normalize}): {error}"
         ) from None
 
 
@@ -387,20 +540,19 @@ def _pretrain_into_run(
     config: RunConfig,
     learner: FiLMLearner,
     run_dir: Path,
-    classes: ClassImages,
+    sources: _Sources,
     progress: Progress | None,
     *,
     write: bool,
 ) -> None:
     """The run's own pretrained backbone: `backbone.pt` if an earlier attempt wrote it, else
-    pretrain now and, if `write`, write it (a kill during pretraining repeats it,
-    deterministically)."""
+    pretrain now (resuming from `pretrain.pt`) and, if `write`, write it."""
     own = run_dir / BACKBONE
     if own.is_file():
         log.info(f"using the pretrained backbone {own}")
         load_backbone(learner, own)
     else:
-        payload = pretrain(config, learner, classes, progress)
+        payload = pretrain(config, learner, sources, run_dir, progress, write=write)
         if write:
             save_checkpoint(own, payload)
 
@@ -441,9 +593,11 @@ def _load_sources(config: RunConfig) -> _Sources:
             augment_rotations=data.augment_rotations,
             within_alphabet=data.within_alphabet,
             augment_affine=data.augment_affine,
+            photo=photo_augmentation(data),
         ),
     )
-    if not settings.val_every:
+    pretrain_validates = config.pretrain.enabled and config.pretrain.val_every > 0
+    if not settings.val_every and not pretrain_validates:
         return _Sources(train_classes, sampler, None, None)
     val_classes = load_split(data, data.val_split, data.val_alphabets)
     validation = episodes_fitting(
@@ -462,6 +616,37 @@ def _load_sources(config: RunConfig) -> _Sources:
     return _Sources(train_classes, sampler, val_classes, validation)
 
 
+WEIGHT_BOUND = 1e4
+"""No weight or floating-point buffer of a good checkpoint is this large in magnitude: a healthy
+model's weights stay far below it (Adam moves each by about `outer.lr` per step), a diverging
+model's pass it before or when its loss stops being finite."""
+GOOD_CHECKPOINT = (
+    f"a good checkpoint is one whose step had a finite loss and all of whose weights are finite "
+    f"and below {WEIGHT_BOUND:g} in magnitude"
+)
+"""The rule that decides which checkpoint a diverged run keeps (stated in the error)."""
+
+
+def _bad_weight(state: Mapping[str, torch.Tensor]) -> str | None:
+    """What breaks `GOOD_CHECKPOINT` in a model state (None if nothing does)."""
+    for name, tensor in state.items():
+        if not (torch.is_tensor(tensor) and tensor.is_floating_point() and tensor.numel()):
+            continue
+        largest = float(tensor.detach().abs().max())
+        if not math.isfinite(largest) or largest >= WEIGHT_BOUND:
+            return f"weight {name} reached magnitude {largest:.3g} (the bound is {WEIGHT_BOUND:g})"
+    return None
+
+
+def _kept(run_dir: Path, saved_step: int | None) -> str:
+    """What a diverged run keeps, with the rule that makes it good."""
+    if saved_step is None:
+        return f"no checkpoint was written yet ({GOOD_CHECKPOINT})"
+    return (
+        f"the last good checkpoint {run_dir / LAST} (step {saved_step}) is kept ({GOOD_CHECKPOINT})"
+    )
+
+
 def _divergence(
     step: int, metrics: Mapping[str, float], run_dir: Path, saved_step: int | None
 ) -> DivergedError | None:
@@ -471,14 +656,10 @@ def _divergence(
         return None
     first = "loss" if "loss" in bad else bad[0]
     more = f" (and {len(bad) - 1} more metrics not finite)" if len(bad) > 1 else ""
-    kept = (
-        "no checkpoint was written yet"
-        if saved_step is None
-        else f"the last good checkpoint {run_dir / LAST} (step {saved_step}) is kept"
-    )
     return DivergedError(
-        f"training diverged at step {step}: {first} = {metrics[first]}{more}; {kept}. Lower "
-        f"adapt.inner_lr or outer.lr and start over with --force"
+        f"training diverged at step {step}: {first} = {metrics[first]}{more}; "
+        f"{_kept(run_dir, saved_step)}. Lower adapt.inner_lr or outer.lr and start over with "
+        f"--force"
     )
 
 
@@ -509,22 +690,30 @@ def train(
     processes.require_same(
         "the step to start from", 0 if checkpoint is None else checkpoint["step"]
     )
-    fresh_frozen = learner.frozen and checkpoint is None
-    if fresh_frozen and config.pretrain.backbone:
+    fresh = checkpoint is None
+    if fresh:
+        _standardise_inputs(learner, config, sources.train_classes)
+    if fresh and config.pretrain.backbone:
         load_backbone(learner, Path(config.pretrain.backbone))
     if processes.is_main:
         start_run_dir(run_dir, config, resume=resume)
     processes.barrier()
-    if fresh_frozen and not config.pretrain.backbone:
-        _pretrain_into_run(
-            config, learner, run_dir, sources.train_classes, progress, write=processes.is_main
-        )
+    if fresh and config.pretrain.enabled and not config.pretrain.backbone:
+        _pretrain_into_run(config, learner, run_dir, sources, progress, write=processes.is_main)
     optimizer = make_optimizer(learner, config.outer)
+    aux_classifier = None
+    if config.outer.aux_weight > 0:  # TADAM's co-training head: a training device, not the model
+        like = next(learner.parameters())
+        classes = sources.train_classes.num_classes
+        aux_classifier = make_classifier(learner.backbone.feature_dim, classes, like)
+        optimizer.add_param_group({"params": list(aux_classifier.parameters()), "weight_decay": 0})
     step, elapsed, best, window = 0, 0.0, None, LogWindow()
     if checkpoint is None:
         seed_everything(config.train.seed)  # the same start whether or not pretraining ran
     else:
         learner.load_state_dict(checkpoint["model"])
+        if aux_classifier is not None:
+            aux_classifier.load_state_dict(checkpoint["aux_classifier"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_state(checkpoint["rng"])
         step, elapsed, best = checkpoint["step"], checkpoint["wall_time"], checkpoint["best"]
@@ -549,6 +738,18 @@ def train(
             tasks = sources.sampler.sample(
                 step, config.outer.meta_batch_size, task_slice=task_slice
             )
+            auxiliary = None
+            if aux_classifier is not None:
+                images, labels = auxiliary_batch(
+                    sources.train_classes,
+                    config.train.seed,
+                    step,
+                    config.outer.aux_batch_size,
+                    photo_augmentation(config.data),
+                    next(learner.parameters()).dtype,
+                )
+                weight = auxiliary_weight(config.outer, step)
+                auxiliary = Auxiliary(aux_classifier, images, labels, weight)
             local = meta_step(
                 learner,
                 optimizer,
@@ -556,6 +757,7 @@ def train(
                 config.adapt,
                 config.outer,
                 reduce_gradients=processes.mean_,
+                auxiliary=auxiliary,
             )
             processes.mean_(running_statistics)
             metrics = processes.mean_metrics(local)
@@ -569,7 +771,8 @@ def train(
             if step % settings.log_every == 0 or last_step:
                 row.update(window.flush(), lr=optimizer.param_groups[0]["lr"])
             improved = False
-            if sources.validation is not None and (step % settings.val_every == 0 or last_step):
+            validates = settings.val_every and (step % settings.val_every == 0 or last_step)
+            if sources.validation is not None and validates:
                 accuracies = validate(
                     learner, sources.validation, validation_inputs, config.adapt, processes
                 )
@@ -588,6 +791,7 @@ def train(
                     "config": config_to_dict(config),
                     "config_hash": config_hash(config),
                     "model": learner.state_dict(),
+                    "aux_classifier": aux_classifier and aux_classifier.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "rng": rng_state(),
                     "wall_time": elapsed,
@@ -640,22 +844,26 @@ def pretrain_run(
     config: RunConfig,
     run_dir: str | Path,
     *,
+    resume: bool = False,
     force: bool = False,
     progress: Progress | None = None,
 ) -> Path:
-    """Pretrain a backbone into `run_dir/backbone.pt`, for `pretrain.backbone` of later runs."""
+    """Pretrain a backbone into `run_dir/backbone.pt`, for `pretrain.backbone` of later runs
+    (frozen or outer-trained); `resume` continues from `pretrain.pt` after an interruption."""
     run_dir = Path(run_dir)
-    if config.model.backbone_mode != "frozen":
-        raise ConfigError(
-            'metafilm pretrain is for model.backbone_mode = "frozen" (an outer-trained backbone '
-            "learns in train itself); set it with --set model.backbone_mode=frozen"
-        )
-    check_run_dir(run_dir, config, resume=False, force=force)
-    classes = load_split(config.data, config.data.train_split, config.data.train_alphabets)
+    config = dataclasses.replace(
+        config, pretrain=dataclasses.replace(config.pretrain, enabled=True)
+    )
+    check_run_dir(run_dir, config, resume=resume, force=force)
+    sources = _load_sources(config)
     seed_everything(config.train.seed)
-    learner = build_learner(config)
-    start_run_dir(run_dir, config, resume=False)
-    save_checkpoint(run_dir / BACKBONE, pretrain(config, learner, classes, progress))
+    # Only the backbone learns here, so how meta-training would use it (frozen, cached) is moot.
+    learner = build_learner(
+        dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_mode="outer"))
+    )
+    _standardise_inputs(learner, config, sources.train_classes)
+    start_run_dir(run_dir, config, resume=resume)
+    _pretrain_into_run(config, learner, run_dir, sources, progress, write=True)
     return run_dir / BACKBONE
 
 
@@ -756,6 +964,24 @@ class _Evaluation:
             "accuracies": protocol["accuracies"],
         }
 
+    def holds(self, name: str, expected: Mapping[str, Any]) -> bool:
+        """Whether the evaluation file `name` exists and was computed exactly as `expected` says:
+        every field of that record (checkpoint sha256, split, ways, shots, query, episodes, seed,
+        alphabets, inner steps, batch norm, ...) equal, one accuracy per episode. The software
+        versions may differ (float64 results do not depend on them)."""
+        try:
+            saved = json.loads(self.path(name).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        same = json.loads(json.dumps(expected))  # tuples as lists, as the file has them
+        fields = [key for key in same if key not in ("versions", "accuracies")]
+        accuracies = saved.get("accuracies") if isinstance(saved, dict) else None
+        return (
+            isinstance(accuracies, list)
+            and len(accuracies) == same.get("episodes")
+            and all(saved.get(key) == same[key] for key in fields)
+        )
+
     def path(self, name: str) -> Path:
         """Where the evaluation file `name` of this checkpoint lives: its run's eval folder."""
         return self.checkpoint.parent / EVAL_DIR / name
@@ -793,6 +1019,24 @@ def _load_evaluation(
     return _Evaluation(checkpoint, config, learner, payload["step"], checkpoint_sha256(checkpoint))
 
 
+def _with_progress(
+    batches: Iterator[Episode], total: int, phase: str, progress: Progress | None
+) -> Iterator[Episode]:
+    """`batches` as they are, telling `progress` how many of the `total` episodes are done."""
+    if progress is None:
+        yield from batches
+        return
+    progress.start(phase, 0, total)
+    done = 0
+    try:
+        for batch in batches:
+            yield batch
+            done = min(total, done + batch.tasks)
+            progress.update(done, {})
+    finally:
+        progress.close()
+
+
 def evaluate_checkpoint(
     checkpoint: Path,
     eval_overrides: Mapping[str, Any] | None = None,
@@ -800,14 +1044,17 @@ def evaluate_checkpoint(
     data_root: str | None = None,
     on_result: Callable[[Path, dict[str, Any]], None] | None = None,
     skip_existing: bool = False,
+    progress: Progress | None = None,
 ) -> list[Path]:
     """Evaluate a training checkpoint on fixed seeded episodes for every (ways, shots); write one
     JSON per setting into `<run dir>/eval/` (the run dir is the checkpoint's folder).
 
     The protocol is the run's [eval] section with `eval_overrides` (keys of [eval]; None values
     ignored) applied and validated like a config file; `data_root` replaces the saved data.root.
-    With `skip_existing`, a setting whose file is already written is not evaluated again (its
-    name holds every protocol setting, so the file holds the same numbers).
+    With `skip_existing`, a setting is not evaluated again if its file was written for this very
+    checkpoint (the same sha256) with the same protocol and model settings (`_Evaluation.holds`);
+    any other file of that name (say, of an earlier `best.pt`) is replaced. `progress` is told
+    the episodes done after each batch.
     """
     loaded = _load_evaluation(checkpoint, eval_overrides, data_root)
     config, settings = loaded.config, loaded.config.eval
@@ -838,21 +1085,23 @@ def evaluate_checkpoint(
     written = []
     for (ways, shots), source in sources.items():
         name = evaluation_name(checkpoint, ways, shots, settings)
-        if skip_existing and loaded.path(name).is_file():
+        protocol = {
+            "split": settings.split,
+            "alphabets": settings.alphabets,
+            "within_alphabet": settings.within_alphabet,
+            "ways": ways,
+            "shots": shots,
+            "query": settings.query,
+            "episodes": settings.episodes,
+            "episode_seed": settings.seed,
+        }
+        if skip_existing and loaded.holds(name, loaded.record(**protocol, accuracies=[])):
             written.append(loaded.path(name))
             continue
-        accuracies = evaluate(loaded.learner, fixed_batches(source, build), loaded.adapt())
-        record = loaded.record(
-            split=settings.split,
-            alphabets=settings.alphabets,
-            within_alphabet=settings.within_alphabet,
-            ways=ways,
-            shots=shots,
-            query=settings.query,
-            episodes=settings.episodes,
-            episode_seed=settings.seed,
-            accuracies=accuracies.tolist(),
-        )
+        what = f"evaluate {ways}-way {shots}-shot on {settings.split!r}"
+        batches = _with_progress(fixed_batches(source, build), len(source), what, progress)
+        accuracies = evaluate(loaded.learner, batches, loaded.adapt())
+        record = loaded.record(**protocol, accuracies=accuracies.tolist())
         written.append(loaded.write(name, record))
         if on_result is not None:
             on_result(written[-1], record)
@@ -889,6 +1138,13 @@ def evaluate_lake(
         raise ConfigError(
             f"the Lake one-shot runs are Omniglot characters; this run was trained on "
             f"{config.data.dataset}"
+        )
+    seen = [config.data.train_split] + ([config.data.val_split] if config.train.val_every else [])
+    if any(split != "background" for split in seen):
+        log.warning(
+            f"warning: this run learned from the split(s) {', '.join(map(repr, seen))}, not the "
+            f"background alphabets alone as the challenge's protocol asks (data.train_split = "
+            f'"background"): its error rate is not comparable with the published ones'
         )
     try:
         runs = load_lake_runs(config.data.root or None, image_size=config.data.image_size)

@@ -35,6 +35,17 @@ def data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def miniimagenet_root(data_root: Path) -> Path:
+    """The data root, once it is known to hold miniImageNet's images and split CSVs (missing
+    ones fail, as Omniglot's do)."""
+    folder = data_root / "miniimagenet"
+    missing = [p for p in (folder / "images", folder / "ravi_splits") if not p.is_dir()]
+    if missing:
+        pytest.fail(f"METAFILM_DATA_ROOT={data_root} lacks miniImageNet: {missing[0]} is missing")
+    return data_root
+
+
+@pytest.fixture(scope="session")
 def omniglot_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`METAFILM_CACHE_DIR` if set (caches survive between runs), else a session temp dir."""
     value = os.environ.get("METAFILM_CACHE_DIR")

@@ -398,14 +398,18 @@ def test_one_run_with_running_statistics_reports_both_batch_norms(
     assert 'train with model.bn_mode = "running"' in message
 
 
-def test_pretrain_is_for_frozen_backbones(
+def test_a_frozen_backbone_without_pretraining_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "tiny.toml"
     config.write_text(TINY)
-    message = in_process_error(capsys, "pretrain", config, "--out", tmp_path / "pre")
-    assert 'model.backbone_mode = "frozen"' in message
-    assert not (tmp_path / "pre").exists()
+    frozen = ["--set", "model.backbone_mode=frozen", "--set", "pretrain.enabled=false"]
+    message = in_process_error(capsys, "train", config, "--out", tmp_path / "run", *frozen)
+    assert message == (
+        'pretrain.enabled = false with model.backbone_mode = "frozen" would freeze random '
+        "weights: enable pretraining or name a pretrained file in pretrain.backbone"
+    )
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

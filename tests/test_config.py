@@ -267,8 +267,9 @@ def test_the_shipped_configs_cover_the_documented_setups() -> None:
         "omniglot-20way-1shot",
         "omniglot-20way-5shot",
         "omniglot-frozen",
-        "miniimagenet-conv4",
-        "miniimagenet-resnet12",
+        "miniimagenet-maml",
+        "miniimagenet-cavia",
+        "miniimagenet-tadam",
     } <= names
 
 

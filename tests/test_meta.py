@@ -18,6 +18,7 @@ from episodes.classes import ClassImages
 from episodes.sampler import Episode, EpisodeSampler, FixedEpisodes, gather
 from metafilm.allocator import TRIM_THRESHOLD
 from metafilm.backbones import Conv4, ResNet12
+from metafilm.config import PretrainConfig
 from metafilm.learner import FiLMLearner
 from metafilm.meta import (
     evaluate,
@@ -418,9 +419,7 @@ def test_pretraining_learns_is_deterministic_and_restores_the_flags():
         pretrain_backbone(
             learner.backbone,
             classes,
-            steps=80,
-            batch_size=16,
-            lr=0.03,
+            PretrainConfig(steps=80, batch_size=16, lr=0.03),
             seed=3,
             on_step=lambda step, loss, acc, log=log: log.append((step, loss, acc)),
         )

@@ -401,3 +401,61 @@ def test_no_data_root(monkeypatch):
     monkeypatch.delenv("METAFILM_DATA_ROOT", raising=False)
     with pytest.raises(ValueError, match="METAFILM_DATA_ROOT"):
         load_miniimagenet(split="train")
+
+
+# ---- issue 17: damaged files are named in one line, never a traceback or a huge allocation ----
+
+
+def test_empty_and_truncated_pickles_name_the_file(tmp_path, rows):
+    folder = tmp_path / "miniimagenet"
+    write_pickle(folder, "mini-imagenet-cache-train.pkl", rows)
+    path = folder / "mini-imagenet-cache-train.pkl"
+    whole = path.read_bytes()
+    path.write_bytes(b"")
+    with pytest.raises(ValueError) as error:
+        load_miniimagenet(tmp_path, "train")
+    assert str(error.value) == (
+        f"{path} is empty (0 bytes): replace it with a whole copy of the miniImageNet pickle"
+    )
+    for cut in (1, 40, len(whole) // 2, len(whole) - 1):
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match="truncated") as error:
+            load_miniimagenet(tmp_path, "train")
+        assert str(error.value).startswith(f"{path} is ")
+        assert "\n" not in str(error.value)
+
+
+def test_a_cache_header_claiming_a_huge_shape_is_rebuilt_without_allocating(tmp_path, rows):
+    folder, cache = tmp_path / "miniimagenet", tmp_path / "cache"
+    write_csv(folder, "train", rows)
+    write_jpegs(folder, rows)
+    first = load_miniimagenet(tmp_path, "train", cache_dir=cache)
+    (path,) = (cache / "miniimagenet").iterdir()
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[16:24])
+    header = json.loads(data[24 : 24 + length])
+    header["shape"] = [10**12, 3, 84, 84]  # 21 PB
+    forged = json.dumps(header, sort_keys=True).encode()
+    path.write_bytes(data[:16] + struct.pack("<Q", len(forged)) + forged + data[24 + length :])
+    with pytest.warns(UserWarning, match=r"claims shape \[1000000000000, 3, 84, 84\]"):
+        again = load_miniimagenet(tmp_path, "train", cache_dir=cache)
+    assert bool((again.images == first.images).all())
+    (length_only,) = (cache / "miniimagenet").iterdir()
+    length_only.write_bytes(data[:16] + struct.pack("<Q", 2**62) + data[24:])
+    with pytest.warns(UserWarning, match="byte header in a"):
+        assert load_miniimagenet(tmp_path, "train", cache_dir=cache).names == first.names
+
+
+def test_a_cache_build_says_what_it_builds_and_its_size(tmp_path, rows, caplog):
+    folder, cache = tmp_path / "miniimagenet", tmp_path / "cache"
+    write_csv(folder, "train", rows)
+    write_jpegs(folder, rows)
+    with caplog.at_level("INFO", logger="episodes"):
+        load_miniimagenet(tmp_path, "train", cache_dir=cache, image_size=32)
+    (path,) = (cache / "miniimagenet").iterdir()
+    megabytes = N_CLASSES * N_IMAGES * 3 * 32 * 32 / 1e6  # 0.046 MB
+    assert caplog.messages[0] == (
+        f"decoding {N_CLASSES * N_IMAGES} miniImageNet 'train' images into the cache {path} "
+        f"({megabytes:.1f} MB; once, later loads read the cache)"
+    )
+    assert caplog.messages[1] == f"cached [15, 3, 32, 32] uint8 (0.0 MB) in {path}"

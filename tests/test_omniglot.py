@@ -196,7 +196,8 @@ def test_corrupt_zip_is_a_clear_error(data_root, tmp_path):
     message = str(error.value)
     assert str(root / "omniglot" / EVALUATION_ZIP) in message
     assert "462d9a07e5ca91b874e93b80273688df88777c05f6f454ea8f3d73d061adc275" in message
-    assert "6b91aef0f799c5bb55b94e3f2daec811" in message and "download=True" in message
+    assert "6b91aef0f799c5bb55b94e3f2daec811" in message
+    assert "run 'metafilm data --download'" in message and "download=True" not in message
     assert not (tmp_path / "cache").exists()
 
 
@@ -214,7 +215,7 @@ def test_missing_zip_says_where_and_how(tmp_path):
     message = str(error.value)
     assert str(tmp_path / "omniglot" / BACKGROUND_ZIP) in message
     assert str(tmp_path / "omniglot" / EVALUATION_ZIP) in message
-    assert "download=True" in message and "vinyals_splits" in message
+    assert "'metafilm data --download'" in message and "vinyals_splits" in message
 
 
 def test_missing_split_file_says_where(data_root, tmp_path, omniglot_cache_dir):

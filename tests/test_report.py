@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -11,7 +12,19 @@ import pytest
 from PIL import Image
 
 from metafilm.config import config_from_dict, to_toml
-from metafilm.report import FIGURES, ReportError, accuracy_summary, paired_line, write_report
+from metafilm.markers import REPORT_FILES, REPORT_MARKER, SWEEP_MARKER
+from metafilm.report import (
+    FIGURES,
+    ReportError,
+    _results,
+    accuracy_plot_labels,
+    accuracy_summary,
+    evaluation_labels,
+    paired_line,
+    paired_rows,
+    read_run,
+    write_report,
+)
 
 SHA = "ab" * 32
 
@@ -168,3 +181,93 @@ def test_unusable_run_directories_are_named(tmp_path: Path) -> None:
     (run / "eval" / "bad.json").write_text('{"ways": 5}')
     with pytest.raises(ReportError, match="bad.json lacks"):
         write_report([run], tmp_path / "out")
+
+
+# --- issue 17: nothing overwritten, nothing stale, pairing that does not depend on the order ---
+
+
+def test_pairing_with_two_seeds_is_the_same_in_either_order(tmp_path: Path) -> None:
+    """Run a was tested at seeds 1 and 7919, run b at seed 1: `report a b` paired nothing."""
+    a = read_run(
+        fake_run(
+            tmp_path,
+            "a",
+            [
+                {"ways": 5, "shots": 1, "episode_seed": 1, "accuracies": [0.5, 0.7, 0.6]},
+                {"ways": 5, "shots": 1, "episode_seed": 7919, "accuracies": [0.2, 0.3, 0.4]},
+            ],
+        )
+    )
+    b = read_run(fake_run(tmp_path, "b", [{"ways": 5, "shots": 1, "accuracies": [0.6, 0.9, 0.6]}]))
+    label = "test 5-way 1-shot inner 3 seed 1"  # fake_run's evaluations test with 3 inner steps
+    b_minus_a, a_minus_b = paired_rows([a, b]), paired_rows([b, a])
+    assert [(row["run"], row["evaluation"]) for row in b_minus_a] == [("b", label)]
+    assert [(row["run"], row["evaluation"]) for row in a_minus_b] == [("a", label)]
+    assert b_minus_a[0]["mean"] == pytest.approx(0.1) == -a_minus_b[0]["mean"]
+    assert b_minus_a[0]["ci95"] == pytest.approx(a_minus_b[0]["ci95"])
+    assert b_minus_a[0]["ci95"] == pytest.approx(1.96 * statistics.stdev([0.1, 0.2, 0.0]) / 3**0.5)
+    labels = [
+        "a\n5-way 1-shot\ntest\nseed 1",
+        "a\n5-way 1-shot\ntest\nseed 7919",
+        "b\n5-way 1-shot\ntest\nseed 1",
+    ]
+    assert accuracy_plot_labels(_results([a, b])) == labels
+    # One seed everywhere: labels as before, with no seed in them.
+    alone = read_run(
+        fake_run(tmp_path / "alone", "a", [{"ways": 5, "shots": 1, "accuracies": [1]}])
+    )
+    assert evaluation_labels(alone.evaluations) == ["test 5-way 1-shot inner 3"]
+    assert accuracy_plot_labels(_results([alone, b])) == ["a\n5-way 1-shot\ntest"] + [
+        "b\n5-way 1-shot\ntest"
+    ]
+
+
+def test_evaluations_of_an_earlier_checkpoint_are_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = fake_run(tmp_path, "run", [{"ways": 5, "shots": 1, "accuracies": [0.5, 0.7]}])
+    assert len(read_run(run).evaluations) == 1  # no best.pt here: nothing to check against
+    (run / "best.pt").write_bytes(b"a newer best.pt")  # its sha256 is not SHA
+    with caplog.at_level("WARNING", logger="metafilm"):
+        files = read_run(run)
+    assert files.evaluations == [] and files.stale == (run / "eval" / "e0.json",)
+    assert "1 evaluation file(s) of" in caplog.text and "e0.json" in caplog.text
+    (run / "best.pt").write_bytes(b"the evaluated one")
+    record = json.loads((run / "eval" / "e0.json").read_text())
+    record["checkpoint_sha256"] = hashlib.sha256(b"the evaluated one").hexdigest()
+    (run / "eval" / "e0.json").write_text(json.dumps(record))
+    assert len(read_run(run).evaluations) == 1
+
+
+def test_a_report_replaces_only_an_earlier_report(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "run", [{"ways": 5, "shots": 1, "accuracies": [0.5, 0.7]}])
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("years of work")
+    with pytest.raises(ReportError) as refused:
+        write_report([run], thesis)
+    assert str(refused.value) == (
+        f"{thesis} already holds files that metafilm report did not write (no .metafilm-report "
+        f"marker); choose a new --out"
+    )
+    assert [path.name for path in thesis.iterdir()] == ["thesis.tex"]
+    a_file = tmp_path / "file"
+    a_file.write_text("keep")
+    with pytest.raises(ReportError, match=r"--out .*file is a file, not a folder"):
+        write_report([run], a_file)
+    out = tmp_path / "report"
+    write_report([run], out)
+    (out / "report.md").write_text("stale")
+    write_report([run], out)  # its own earlier report: replaced
+    assert (out / "report.md").read_text().startswith("# metafilm report")
+    assert (out / REPORT_MARKER).is_file() and a_file.read_text() == "keep"
+
+
+def test_the_committed_reports_can_be_rewritten_by_the_commands_that_wrote_them() -> None:
+    results = Path(__file__).resolve().parents[1] / "docs" / "results"
+    reports = sorted(path.parent for path in results.rglob("report.json"))
+    sweeps = sorted(path.parent for path in results.rglob("sweep.json"))
+    assert len(reports) == 9 and len(sweeps) == 5
+    assert [path for path in reports if not (path / REPORT_MARKER).is_file()] == []
+    assert [path for path in sweeps if not (path / SWEEP_MARKER).is_file()] == []
+    assert ("report.md", "report.json", *FIGURES) == REPORT_FILES

@@ -25,8 +25,9 @@ from metafilm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from metafilm.config import config_from_dict, to_toml
-from metafilm.train import RunError, check_run_dir, truncate_metrics
+from metafilm.config import config_from_dict
+from metafilm.markers import REPORT_MARKER, RUN_MARKER
+from metafilm.train import RunError, check_run_dir, start_run_dir, truncate_metrics
 
 TINY = """
 [data]
@@ -152,22 +153,77 @@ def test_run_directory_rules(tmp_path: Path) -> None:
     other = tmp_path / "not-a-run"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    with pytest.raises(RunError, match="already exists; pass --resume .* or --force"):
-        check_run_dir(other, config, resume=False, force=False)
-    with pytest.raises(RunError, match="not a metafilm run directory"):
-        check_run_dir(other, config, resume=False, force=True)
+    for force in (False, True):
+        with pytest.raises(RunError, match="not-a-run exists and is not a metafilm run directory"):
+            check_run_dir(other, config, resume=False, force=force)
     with pytest.raises(RunError, match="nothing to resume"):
         check_run_dir(other, config, resume=True, force=False)
     with pytest.raises(RunError, match="pass only one"):
         check_run_dir(other, config, resume=True, force=True)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for resume in (False, True):
+        with pytest.raises(RunError, match=r"--out .*file is a file, not a run directory"):
+            check_run_dir(a_file, config, resume=resume, force=False)
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(to_toml(config))
+    start_run_dir(run, config, resume=False)
+    assert (run / RUN_MARKER).is_file()
+    with pytest.raises(RunError, match="already exists; pass --resume .* or --force"):
+        check_run_dir(run, config, resume=False, force=False)
+    check_run_dir(run, config, resume=False, force=True)
     changed = config_from_dict({"adapt": {"inner_lr": 0.3}})
     with pytest.raises(RunError, match=r"adapt\.inner_lr: 0\.1 -> 0\.3"):
         check_run_dir(run, changed, resume=True, force=False)
     check_run_dir(run, config, resume=True, force=False)
     check_run_dir(tmp_path / "new", config, resume=False, force=False)
+
+
+def test_force_deletes_nothing_in_a_folder_metafilm_did_not_create(tmp_path: Path) -> None:
+    """Issue 17: a folder with any `config.toml`, a thesis and sources was wiped by --force."""
+    project = tmp_path / "myproject"
+    (project / "src").mkdir(parents=True)
+    (project / "config.toml").write_text('title = "my thesis"\n')
+    (project / "thesis.tex").write_text("\\documentclass{article}")
+    (project / "src" / "main.py").write_text("print('hello')\n")
+    before = {path: path.read_bytes() for path in project.rglob("*") if path.is_file()}
+    with pytest.raises(RunError) as refused:
+        check_run_dir(project, config_from_dict({}), resume=False, force=True)
+    assert str(refused.value) == (
+        f"{project} was not created by metafilm train (no .metafilm-run marker), so --force "
+        f"deletes nothing in it; choose another --out, or delete it yourself"
+    )
+    assert {path: path.read_bytes() for path in project.rglob("*") if path.is_file()} == before
+
+
+def test_force_clears_only_what_metafilm_wrote(tmp_path: Path) -> None:
+    config = config_from_dict({"train": {"steps": 7}})
+    run = tmp_path / "run"
+    start_run_dir(run, config_from_dict({}), resume=False)
+    written = [
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "backbone.pt",
+        "pretrain.pt",
+        "pretrain_metrics.jsonl",
+        ".last.pt.0123456789abcdef.tmp",
+        "eval/best_test_5w1s_q15_n600_seed1_inner1_bnepisode.json",
+        "tensorboard/events.out.tfevents.1.host",
+        "tensorboard/pretrain_metrics/events.out.tfevents.2.host",
+        "report/report.md",
+        "report/accuracy.png",
+    ]
+    foreign = ["notes.txt", "eval/my-analysis.json", "tensorboard/README", "report/draft.md"]
+    for name in written + foreign:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(name)
+    (run / "report" / REPORT_MARKER).write_text("")
+    check_run_dir(run, config, resume=False, force=True)
+    start_run_dir(run, config, resume=False)
+    left = sorted(str(path.relative_to(run)) for path in run.rglob("*") if path.is_file())
+    assert left == sorted([*foreign, "config.toml", RUN_MARKER])
+    assert all((run / name).read_text() == name for name in foreign)
+    assert "steps = 7" in (run / "config.toml").read_text()
 
 
 # --- end to end on real Omniglot ---

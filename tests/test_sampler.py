@@ -1,10 +1,13 @@
 """Episodic sampling: determinism, episode facts, gather pixels, rotations, input errors."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from episodes.classes import ClassImages
 from episodes.distort import apply_affines
+from episodes.photo import PHOTO_PARAMS, PhotoAugmentation, apply_photo
 from episodes.sampler import EpisodeSampler, FixedEpisodes, IndexEpisode, gather
 
 SIDE = 5
@@ -242,6 +245,71 @@ def test_affine_augmentation_distorts_each_training_image_by_its_own_map():
     assert not torch.equal(batch.support_x[:, :, 2], turned.support_x[:, :, 2])
     # evaluation episodes are never distorted
     assert FixedEpisodes(classes, 5, 2, 3, seed=0, episodes=3).take([0, 1]).affines is None
+
+
+PHOTO = PhotoAugmentation(crop_padding=2, flip=True, jitter=0.3)
+
+
+def test_photo_augmentation_leaves_every_other_draw_as_it_was():
+    classes = synthetic([12] * 30, side=8)
+    settings = dict(seed=6, augment_rotations=True, augment_affine=True)
+    plain = EpisodeSampler(classes, 5, 2, 3, **settings).sample(2, 4)
+    ep = EpisodeSampler(classes, 5, 2, 3, **settings, photo=PHOTO).sample(2, 4)
+    assert plain.photo is None and plain.photo_augmentation is None  # off by default
+    assert_same(ep, plain)
+    assert torch.equal(ep.affines, plain.affines)
+    assert ep.photo.shape == (4, 5, 2 + 3, PHOTO_PARAMS) and ep.photo.dtype == torch.float32
+    assert ep.photo_augmentation == PHOTO
+    assert len(ep.photo.reshape(-1, PHOTO_PARAMS).unique(dim=0)) == 4 * 5 * 5
+    # an inactive augmentation is no augmentation
+    inactive = EpisodeSampler(classes, 5, 2, 3, **settings, photo=PhotoAugmentation()).sample(2, 4)
+    assert inactive.photo is None and inactive.photo_augmentation is None
+    assert_same(inactive, plain)
+
+
+def test_photo_params_are_a_function_of_the_task_key():
+    classes = synthetic([12] * 30, side=8)
+    sampler = EpisodeSampler(classes, 4, 2, 3, seed=5, augment_rotations=True, photo=PHOTO)
+    full = sampler.sample(9, 8)
+    assert torch.equal(full.photo, sampler.sample(9, 8).photo)
+    again = EpisodeSampler(classes, 4, 2, 3, seed=5, augment_rotations=True, photo=PHOTO)
+    assert torch.equal(full.photo, again.sample(9, 8).photo)
+    assert not torch.equal(full.photo, sampler.sample(10, 8).photo)
+    for task_slice in (slice(0, 4), slice(4, 8), slice(1, None, 3), slice(-2, None)):
+        part = sampler.sample(9, 8, task_slice=task_slice)
+        assert torch.equal(part.photo, full.photo[task_slice])
+    assert torch.equal(sampler.sample(9, 3).photo, full.photo[:3])
+    # evaluation episodes are never augmented
+    fixed = FixedEpisodes(classes, 4, 2, 3, seed=5, episodes=3)
+    assert fixed.take([0, 1]).photo is None and fixed[2].photo_augmentation is None
+
+
+def test_gather_applies_each_slot_its_own_photo_params():
+    classes = synthetic([12] * 30, side=8)
+    settings = dict(seed=6, augment_rotations=True, augment_affine=True)
+    ep = EpisodeSampler(classes, 5, 2, 3, **settings, photo=PHOTO).sample(2, 4)
+    batch, turned = gather(classes, ep), gather(classes, replace(ep, photo=None))
+    assert not torch.equal(batch.support_x, turned.support_x)
+    # support image j*shots + k takes slot [j, k], query image j*query + k slot [j, shots + k]
+    t, j, shots, query = 2, 3, 2, 3
+    for x, plain, row, slot in (
+        (batch.support_x, turned.support_x, j * shots + 1, 1),
+        (batch.query_x, turned.query_x, j * query + 2, shots + 2),
+    ):
+        expected = apply_photo(plain[t, [row]], ep.photo[t, j, [slot]], PHOTO)
+        torch.testing.assert_close(x[t, [row]], expected, atol=1e-6, rtol=0)
+        other = apply_photo(plain[t, [row]], ep.photo[t, j, [slot - 1]], PHOTO)
+        assert not torch.allclose(x[t, [row]], other, atol=1e-3)
+    assert batch.support_x.min() >= 0 and batch.support_x.max() <= 1
+    with pytest.raises(ValueError, match="needs its photo_augmentation"):
+        gather(classes, replace(ep, photo_augmentation=None))
+
+
+def test_photo_augmentation_needs_images_it_can_crop():
+    with pytest.raises(ValueError, match="crop_padding=5 must be smaller than the image sides"):
+        EpisodeSampler(EQUAL, 5, 1, 1, seed=0, photo=PhotoAugmentation(crop_padding=5))
+    with pytest.raises(TypeError, match="photo must be a PhotoAugmentation"):
+        EpisodeSampler(EQUAL, 5, 1, 1, seed=0, photo=True)
 
 
 # ---- bad input ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 
 from episodes.classes import ClassImages
 from episodes.sampler import EpisodeSampler, FixedEpisodes, gather
+from metafilm.config import PretrainConfig
 from metafilm.learner import FiLMLearner
 from metafilm.meta import evaluate, input_builder, make_optimizer, meta_step
 from metafilm.pretrain import pretrain_backbone
@@ -67,7 +68,8 @@ def test_frozen_backbone_after_pretraining_reaches_high_one_shot_accuracy(omnigl
     adapt = AdaptSpec(inner_steps=1, inner_lr=0.5)
     outer = OuterSpec(lr=0.005, meta_batch_size=8)
     learner = FiLMLearner(model, adapt)
-    pretrain_backbone(learner.backbone, subset, steps=300, batch_size=64, lr=0.003, seed=0)
+    settings = PretrainConfig(steps=300, batch_size=64, lr=0.003)
+    pretrain_backbone(learner.backbone, subset, settings, seed=0)
     backbone = {name: t.clone() for name, t in learner.backbone.state_dict().items()}
     log = _meta_train(learner, subset, adapt, outer, steps=150)
     assert log[-1]["film_adapted/block4"] > 0

@@ -1,0 +1,116 @@
+"""Directories metafilm marks as its own, so that it never deletes or overwrites other files.
+
+`metafilm train` writes `.metafilm-run` into a run directory when the run starts, `metafilm report`
+writes `.metafilm-report` into its output folder and `metafilm sweep` writes `.metafilm-sweep`.
+`--force`, a rewritten report and a resumed sweep act only on a directory that carries the
+matching marker, and `--force` deletes only the files a run writes (`clear_run_dir`): anything
+else in the folder is left where it is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+RUN_MARKER = ".metafilm-run"
+REPORT_MARKER = ".metafilm-report"
+SWEEP_MARKER = ".metafilm-sweep"
+
+_MARKER_TEXT = {
+    RUN_MARKER: "a metafilm run directory: 'metafilm train --force' deletes only the files "
+    "metafilm wrote here",
+    REPORT_MARKER: "a metafilm report: 'metafilm report --out' rewrites only its own files here",
+    SWEEP_MARKER: "a metafilm sweep: running the same 'metafilm sweep' again resumes it here",
+}
+
+RUN_FILES = (
+    "config.toml",
+    "metrics.jsonl",
+    "last.pt",
+    "best.pt",
+    "backbone.pt",
+    "pretrain.pt",
+    "pretrain_metrics.jsonl",
+)
+"""Files a run directory gets from `metafilm train` / `metafilm pretrain`."""
+REPORT_FILES = (
+    "report.md",
+    "report.json",
+    "training_curves.png",
+    "accuracy.png",
+    "film_diagnostics.png",
+)
+"""Files `metafilm report` writes."""
+_EVALUATION = re.compile(r".+_inner\d+_bn[a-z]+\.json")
+_TENSORBOARD = re.compile(r"events\.out\.tfevents\..+")
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")
+"""A file `atomic_writer` had not yet renamed when its process was killed."""
+
+
+def mark(directory: Path, marker: str) -> None:
+    """Create `directory` if needed and mark it as metafilm's (see the module docstring)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / marker
+    if not path.is_file():
+        path.write_text(_MARKER_TEXT[marker] + "\n", encoding="utf-8")
+
+
+def is_marked(directory: Path, marker: str) -> bool:
+    """Whether `directory` carries `marker`."""
+    return (directory / marker).is_file()
+
+
+def is_empty_dir(directory: Path) -> bool:
+    """Whether `directory` is a folder with nothing in it."""
+    return directory.is_dir() and not any(directory.iterdir())
+
+
+def _remove(paths: Iterable[Path]) -> None:
+    for path in paths:
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+
+
+def _rmdir_if_empty(directory: Path) -> None:
+    if is_empty_dir(directory):
+        directory.rmdir()
+
+
+def _written(directory: Path, names: Iterable[str], patterns: Iterable[re.Pattern]) -> list[Path]:
+    """The files in `directory` named in `names` or matching one of `patterns`, with the
+    temporary files `atomic_writer` leaves behind when killed."""
+    if not directory.is_dir():
+        return []
+    names, patterns = set(names), [*patterns, _TEMPORARY]
+    return [
+        path
+        for path in directory.iterdir()
+        if path.name in names or any(pattern.fullmatch(path.name) for pattern in patterns)
+    ]
+
+
+def clear_report_dir(directory: Path) -> None:
+    """Delete what `metafilm report` wrote into a marked `directory` (nothing else)."""
+    if not is_marked(directory, REPORT_MARKER):
+        return
+    _remove(_written(directory, REPORT_FILES, ()))
+    (directory / REPORT_MARKER).unlink()
+    _rmdir_if_empty(directory)
+
+
+def clear_run_dir(directory: Path) -> list[Path]:
+    """Delete what metafilm wrote into the marked run `directory`: its config, metrics,
+    checkpoints, TensorBoard events, evaluations, default report and the marker itself. Return
+    what is left, which metafilm did not write."""
+    _remove(_written(directory, RUN_FILES, ()))
+    board = directory / "tensorboard"
+    stages = [path for path in board.glob("*") if path.is_dir()]  # e.g. pretraining's events
+    for folder in [*stages, board]:
+        _remove(_written(folder, (), (_TENSORBOARD,)))
+        _rmdir_if_empty(folder)
+    _remove(_written(directory / "eval", (), (_EVALUATION,)))
+    _rmdir_if_empty(directory / "eval")
+    clear_report_dir(directory / "report")
+    (directory / RUN_MARKER).unlink(missing_ok=True)
+    return sorted(directory.iterdir())

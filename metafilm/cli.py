@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument(
         "--force",
         action="store_true",
-        help="delete an existing run directory and start over",
+        help="start over in a run directory metafilm created (it carries a .metafilm-run "
+        "marker), deleting only the files metafilm wrote there; any other folder is refused",
     )
 
     pretrain_parser = commands.add_parser(
@@ -156,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         "uninterrupted run",
     )
     pretrain_parser.add_argument(
-        "--force", action="store_true", help="delete an existing directory and start over"
+        "--force",
+        action="store_true",
+        help="start over in a directory metafilm created, deleting only the files it wrote",
     )
 
     eval_parser = commands.add_parser(
@@ -241,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         metavar="DIR",
-        help="output directory (default: RUN_DIR/report for one run; required for several)",
+        help="output directory (default: RUN_DIR/report for one run; required for several): "
+        "a new folder or an earlier report, never a folder with other files",
     )
     report_parser.add_argument(
         "--compare-published",

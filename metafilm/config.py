@@ -220,6 +220,7 @@ _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.query": _at_least(1),
     "model.width": _at_least(1),
     "model.encoder_hidden": _at_least(1),
+    "model.metric_scale": _POSITIVE,
     "adapt.inner_steps": _NON_NEGATIVE,
     "adapt.inner_lr": _NON_NEGATIVE,
     "adapt.film_l2": _NON_NEGATIVE,

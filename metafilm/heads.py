@@ -72,11 +72,11 @@ class LinearHead(nn.Module):
 
 
 def build_head(
-    kind: Literal["prototype", "linear"], feature_dim: int, head_ways: int
+    kind: Literal["prototype", "linear"], feature_dim: int, head_ways: int, scale: float = 1.0
 ) -> PrototypeHead | LinearHead:
-    """The head ``ModelSpec.head`` names."""
+    """The head ``ModelSpec.head`` names (``scale``: the prototype head's initial metric scale)."""
     if kind == "prototype":
-        return PrototypeHead()
+        return PrototypeHead(scale)
     if kind == "linear":
         if head_ways < 2:
             raise ValueError(f"head_ways must be at least 2 for a linear head; got {head_ways}")

@@ -65,7 +65,9 @@ class FiLMLearner(nn.Module):
                 self.backbone.feature_dim, self.site_channels, model.encoder, model.encoder_hidden
             )
         )
-        self.head = build_head(model.head, self.backbone.feature_dim, model.head_ways)
+        self.head = build_head(
+            model.head, self.backbone.feature_dim, model.head_ways, model.metric_scale
+        )
         self.inner_lrs = (
             nn.Parameter(torch.full((2 * sum(self.site_channels.values()),), adapt.inner_lr))
             if adapt.learn_inner_lr

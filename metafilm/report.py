@@ -541,14 +541,17 @@ def _markdown(
             f"{c.data.train_split!r} ({c.data.ways}-way {c.data.shots}-shot, {c.data.query} query "
             f"per class{', each task within one alphabet' if c.data.within_alphabet else ''}, "
             f"rotation augmentation {'on' if c.data.augment_rotations else 'off'}, "
-            f"affine augmentation {'on' if c.data.augment_affine else 'off'}), "
+            f"affine augmentation {'on' if c.data.augment_affine else 'off'}, "
+            f"{_photo_text(c.data)}, "
+            f"inputs {'standardised per channel' if c.data.normalize else 'in [0, 1]'}), "
             + (
                 f"validated on {c.data.val_split!r}"
                 if c.train.val_every
                 else "not validated (its last checkpoint is tested)"
             ),
             f"- backbone: {c.model.backbone}, width {c.model.width}, "
-            + ("frozen after pretraining" if c.model.backbone_mode == "frozen" else "meta-trained"),
+            + ("frozen" if c.model.backbone_mode == "frozen" else "meta-trained")
+            + _pretraining_text(c),
             f"- batch norm: bn_mode {c.model.bn_mode!r}"
             + (
                 ", running statistics kept (testable either way)"
@@ -626,6 +629,30 @@ def _lake_markdown(results: Sequence[dict[str, Any]]) -> list[str]:
             f"| {_bn_text(bn_mode_tested(r))} | {r['checkpoint']} (step {r['checkpoint_step']}) |"
         )
     return [*lines, ""]
+
+
+def _photo_text(data: Any) -> str:
+    parts = [
+        f"crops padded by {data.augment_crop_padding}" if data.augment_crop_padding else "",
+        "flips" if data.augment_flip else "",
+        f"colour jitter {data.augment_jitter}" if data.augment_jitter else "",
+    ]
+    chosen = [part for part in parts if part]
+    return f"photo augmentation: {', '.join(chosen)}" if chosen else "photo augmentation off"
+
+
+def _pretraining_text(config: Any) -> str:
+    """How the backbone started: from a pretrained file, pretrained in the run, or at random."""
+    settings = config.pretrain
+    if settings.backbone:
+        return f", starting from the pretrained backbone `{settings.backbone}`"
+    if not settings.enabled:
+        return ", from a random start"
+    length = f"{settings.epochs} epochs" if settings.epochs else f"{settings.steps} steps"
+    return (
+        f", pretrained in the run ({length}, {settings.optimizer}, lr {settings.lr} "
+        f"{settings.schedule}, label smoothing {settings.label_smoothing})"
+    )
 
 
 def _published_markdown(results: Sequence[dict[str, Any]]) -> list[str]:

@@ -26,6 +26,9 @@ class ModelSpec:
     encoder: Literal["linear", "mlp", "none"] = "linear"
     encoder_hidden: int = 256
     head: Literal["prototype", "linear"] = "prototype"
+    metric_scale: float = 1.0
+    """Initial metric scale of the prototype head (learned; TADAM): pretrained embeddings whose
+    squared distances are large start better at a smaller one."""
     head_ways: int = 5
     backbone_mode: Literal["outer", "frozen"] = "outer"
     normalize: bool = False

@@ -4,13 +4,19 @@ and one-line errors with a non-zero exit status for user mistakes."""
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
+import io
 import json
 import math
 import os
+import re
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +24,11 @@ import pytest
 import torch
 from PIL import Image
 
-from metafilm.checkpoint import load_checkpoint
+from metafilm.checkpoint import MAGIC, load_checkpoint, save_checkpoint
 from metafilm.cli import build_parser, main
 from metafilm.config import config_from_dict, load_config, to_toml
 from metafilm.report import FIGURES
+from metafilm.train import _with_progress
 
 TINY = """
 [data]
@@ -47,7 +54,7 @@ checkpoint_every = 4
 OPTIONS = {
     "data": ["--root", "--cache-dir", "--image-size", "--download"],
     "train": ["config", "--set", "--out", "--resume", "--force"],
-    "pretrain": ["config", "--set", "--out", "--force"],
+    "pretrain": ["config", "--set", "--out", "--resume", "--force"],
     "evaluate": [
         "RUN_DIR|CHECKPOINT",
         "--checkpoint",
@@ -119,6 +126,17 @@ def subparser(command: str) -> argparse.ArgumentParser:
     return commands.choices[command]
 
 
+PROMISES = {
+    "train": ["deleting only the files metafilm wrote", "same weights as an uninterrupted run"],
+    "pretrain": ["backbone.pt", "pretrain.backbone", "deleting only the files it wrote"],
+    "evaluate": ["auto", "best.pt if the run validated", "transductive", "--lake", "error rate"],
+    "report": ["95% CI", "never a folder with other files"],
+    "sweep": ["every combination", "resumes", "--one-at-a-time"],
+    "data": ["checksum", "md5", "resumable"],
+}
+"""What each command's help must tell a user, beyond naming its options (see the README)."""
+
+
 @pytest.mark.parametrize("command", sorted(OPTIONS))
 def test_help_of_every_command_explains_every_option(
     command: str, capsys: pytest.CaptureFixture[str]
@@ -126,16 +144,16 @@ def test_help_of_every_command_explains_every_option(
     with pytest.raises(SystemExit) as exited:
         main([command, "--help"])
     assert exited.value.code == 0
-    text = capsys.readouterr().out
-    actions = [action for action in subparser(command)._actions if action.dest != "help"]
-    names = [
-        action.option_strings[0] if action.option_strings else action.metavar or action.dest
-        for action in actions
-    ]
-    assert sorted(names) == sorted(OPTIONS[command])
-    for name, action in zip(names, actions, strict=True):
-        assert name in text and action.help, name
-        assert action.help.split()[0] in text
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    options = re.findall(r"^  (-{1,2}[\w-]+|[A-Z_|]+|config)\b", _raw_help(command), flags=re.M)
+    assert sorted(set(options) - {"-h", "--help"}) == sorted(OPTIONS[command])
+    for promise in PROMISES[command]:
+        assert promise in text, promise
+
+
+def _raw_help(command: str) -> str:
+    """The help text as argparse prints it, one option per indented line."""
+    return subparser(command).format_help()
 
 
 @pytest.mark.slow
@@ -190,7 +208,10 @@ def test_usage_errors_of_evaluate_and_report(
     run.mkdir()
     (run / "config.toml").write_text(to_toml(config_from_dict({})))
     message = in_process_error(capsys, "report", run, "--out", a_file)
-    assert "File exists" in message and a_file.read_text() == "not a folder"
+    assert (
+        message == f"metafilm: error: --out {a_file} is a file, not a folder; choose another --out"
+    )
+    assert a_file.read_text() == "not a folder"
     with pytest.raises(SystemExit) as exited:
         main(["evaluate", str(tmp_path), "--ways", "five"])
     assert exited.value.code == 2 and "invalid int value" in capsys.readouterr().err
@@ -406,7 +427,7 @@ def test_a_frozen_backbone_without_pretraining_is_refused(
     frozen = ["--set", "model.backbone_mode=frozen", "--set", "pretrain.enabled=false"]
     message = in_process_error(capsys, "train", config, "--out", tmp_path / "run", *frozen)
     assert message == (
-        'pretrain.enabled = false with model.backbone_mode = "frozen" would freeze random '
+        'metafilm: error: pretrain.enabled = false with model.backbone_mode = "frozen" would freeze random '
         "weights: enable pretraining or name a pretrained file in pretrain.backbone"
     )
     assert not (tmp_path / "run").exists()
@@ -460,3 +481,241 @@ def test_data_command_names_the_missing_files(
 ) -> None:
     message = in_process_error(capsys, "data", "--root", tmp_path, "--cache-dir", tmp_path)
     assert str(tmp_path / "omniglot" / "images_background.zip") in message
+
+
+# --- issue 17: nothing lost, nothing silent ---
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.toml"
+
+
+def decoy_project(root: Path) -> dict[Path, bytes]:
+    """A user's folder that happens to hold a `config.toml`; returns its files and contents."""
+    (root / "src").mkdir(parents=True)
+    (root / "config.toml").write_text('[paper]\ntitle = "my thesis"\n')
+    (root / "thesis.tex").write_text("\\documentclass{article} years of work")
+    (root / "src" / "main.py").write_text("print('hello')\n")
+    return {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+
+def test_force_refuses_a_folder_metafilm_did_not_create(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = tmp_path / "myproject"
+    before = decoy_project(project)
+    message = in_process_error(capsys, "train", QUICKSTART, "--out", project, "--force")
+    assert message == (
+        f"metafilm: error: {project} was not created by metafilm train (no .metafilm-run marker), "
+        f"so --force deletes nothing in it; choose another --out, or delete it yourself"
+    )
+    message = in_process_error(
+        capsys,
+        "pretrain",
+        QUICKSTART,
+        "--out",
+        project,
+        "--force",
+        "--set",
+        "model.backbone_mode=frozen",
+    )
+    assert "was not created by metafilm train" in message
+    message = in_process_error(
+        capsys, "sweep", QUICKSTART, "--grid", "adapt.inner_steps=0,1", "--out", project
+    )
+    assert message == (
+        f"metafilm: error: {project} already holds files that metafilm sweep did not write (no "
+        f".metafilm-sweep marker); choose a new --out"
+    )
+    assert {path: path.read_bytes() for path in project.rglob("*") if path.is_file()} == before
+
+
+def test_out_naming_a_plain_file_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    message = in_process_error(capsys, "train", QUICKSTART, "--out", a_file)
+    assert message == (
+        f"metafilm: error: --out {a_file} is a file, not a run directory; choose another --out"
+    )
+    message = in_process_error(
+        capsys, "sweep", QUICKSTART, "--grid", "adapt.inner_steps=0,1", "--out", a_file
+    )
+    assert (
+        message == f"metafilm: error: --out {a_file} is a file, not a folder; choose another --out"
+    )
+    assert a_file.read_text() == "keep"
+
+
+def test_a_number_float32_cannot_hold_is_refused_with_its_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    message = in_process_error(capsys, "train", QUICKSTART, "--out", run, "--set", "outer.lr=1e39")
+    assert message.endswith(
+        "outer.lr = 1e+39 is beyond what float32 (the model's precision) can hold, about 3.4e38: "
+        "use a smaller value"
+    )
+    assert not run.exists()
+    assert load_config(QUICKSTART, ["outer.lr=3.4e38"]).outer.lr == 3.4e38
+    message = in_process_error(capsys, "train", QUICKSTART, "--set", "adapt.inner_lr=-1e39")
+    assert "adapt.inner_lr = -1e+39 is beyond what float32" in message
+
+
+def test_checkpoint_refusals_in_our_own_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, {"kind": "train", "w": torch.ones(10)})
+    damaged = bytearray(path.read_bytes())
+    damaged[-5] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    message = in_process_error(capsys, "evaluate", path)
+    assert message == (
+        f"metafilm: error: checkpoint {path} is corrupt: its contents do not match the sha256 "
+        f"recorded in it (damaged or half-copied); restore a good copy, or train the run again "
+        f"(metafilm train ... --force)"
+    )
+    buffer = io.BytesIO()
+    torch.save({"kind": "train", "evil": Smuggled()}, buffer)
+    body = buffer.getvalue()
+    path.write_bytes(MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    message = in_process_error(capsys, "evaluate", path)
+    assert message == (
+        f"metafilm: error: checkpoint {path} cannot be unpickled safely: it refers to the Python "
+        f"object {__name__}.Smuggled, which a metafilm checkpoint never holds; it is not loaded. "
+        f"Use a checkpoint metafilm wrote"
+    )
+
+
+class Smuggled:
+    """Not a tensor or a plain container."""
+
+
+def test_data_errors_name_the_file_and_the_data_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    message = in_process_error(
+        capsys, "train", QUICKSTART, "--out", tmp_path / "run", "--set", f"data.root={tmp_path}"
+    )
+    assert "fetch the original zips with 'metafilm data --download'" in message
+    pickle = tmp_path / "miniimagenet" / "mini-imagenet-cache-train.pkl"
+    pickle.parent.mkdir()
+    pickle.write_bytes(b"")
+    mini = ["--set", "data.dataset=miniimagenet", "--set", "data.format=pickle"]
+    message = in_process_error(
+        capsys,
+        "train",
+        QUICKSTART,
+        "--out",
+        tmp_path / "run",
+        "--set",
+        f"data.root={tmp_path}",
+        *mini,
+    )
+    assert message == (
+        f"metafilm: error: cannot load miniimagenet split 'train': {pickle} is empty (0 bytes): "
+        f"replace it with a whole copy of the miniImageNet pickle"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_names_the_file_and_the_intact_checkpoint(
+    tmp_path: Path,
+    data_root: Path,
+    omniglot_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread: None,
+) -> None:
+    monkeypatch.setenv("METAFILM_DATA_ROOT", str(data_root))
+    monkeypatch.setenv("METAFILM_CACHE_DIR", str(omniglot_cache_dir))
+    config, run = tmp_path / "tiny.toml", tmp_path / "run"
+    config.write_text(TINY)  # last.pt at steps 4, 8 and 12
+    real_fsync, checkpoints = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        if ".last.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            checkpoints.append(fd)
+            if len(checkpoints) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    status = main(["train", str(config), "--out", str(run)])
+    assert status == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"metafilm: error: no space left on the device writing {run / 'last.pt'}; its last "
+        f"checkpoint {run / 'last.pt'} (step 4) is intact (checkpoints are replaced atomically): "
+        f"free some space, then continue with metafilm train {config} --out {run} --resume"
+    )
+    assert load_checkpoint(run / "last.pt")["step"] == 4
+    assert not list(run.glob(".*.tmp")), "no half-written file is left behind"
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert main(["train", str(config), "--out", str(run), "--resume"]) == 0
+    assert load_checkpoint(run / "last.pt")["step"] == 12
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_an_interruption_and_says_how_to_resume(
+    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
+) -> None:
+    config, run = tmp_path / "tiny.toml", tmp_path / "run"
+    config.write_text(TINY)
+    steps = ["--set", "train.steps=400"]
+    env = {
+        **os.environ,
+        "METAFILM_DATA_ROOT": str(data_root),
+        "METAFILM_CACHE_DIR": str(omniglot_cache_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "metafilm", "train", str(config), "--out", str(run), *steps]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run / "last.pt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and "Traceback" not in stderr
+    kept = load_checkpoint(run / "last.pt")["step"]
+    assert 4 <= kept < 400
+    resume = f"metafilm train {config} --out {run} --set train.steps=400 --resume"
+    assert stderr.splitlines()[-1] == (
+        f"metafilm: terminated (SIGTERM); its last checkpoint {run / 'last.pt'} (step {kept}) is "
+        f"intact: continue with {resume}"
+    )
+    resumed = metafilm(*shlex.split(resume)[1:], data_root=data_root, cache_dir=omniglot_cache_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run} from step {kept}" in resumed.stderr
+    assert load_checkpoint(run / "last.pt")["step"] == 400
+
+
+def test_evaluation_reports_its_progress_per_batch() -> None:
+    class Batch:
+        def __init__(self, tasks: int) -> None:
+            self.tasks = tasks
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def start(self, phase: str, done: int, total: int) -> None:
+            self.calls.append(("start", phase, done, total))
+
+        def update(self, done: int, metrics: dict) -> None:
+            self.calls.append(("update", done))
+
+        def close(self) -> None:
+            self.calls.append(("close",))
+
+    recorder = Recorder()
+    batches = [Batch(50), Batch(50), Batch(20)]
+    seen = list(_with_progress(iter(batches), 120, "evaluate 5-way 1-shot on 'test'", recorder))
+    assert seen == batches
+    assert recorder.calls == [
+        ("start", "evaluate 5-way 1-shot on 'test'", 0, 120),
+        ("update", 50),
+        ("update", 100),
+        ("update", 120),
+        ("close",),
+    ]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +29,16 @@ from metafilm.checkpoint import (
 )
 from metafilm.config import config_from_dict
 from metafilm.markers import REPORT_MARKER, RUN_MARKER
-from metafilm.train import RunError, check_run_dir, start_run_dir, truncate_metrics
+from metafilm.train import (
+    GOOD_CHECKPOINT,
+    DivergedError,
+    RunError,
+    RunWriter,
+    _divergence,
+    check_run_dir,
+    start_run_dir,
+    truncate_metrics,
+)
 
 TINY = """
 [data]
@@ -136,8 +147,14 @@ def test_a_checkpoint_with_code_objects_is_refused_even_with_a_valid_digest(
     body = buffer.getvalue()
     path = tmp_path / "evil.pt"
     path.write_bytes(MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
-    with pytest.raises(CheckpointError, match="cannot be unpickled safely"):
+    with pytest.raises(CheckpointError) as refused:
         load_checkpoint(path)
+    # Our own words, not torch's advice to load the file with weights_only=False.
+    assert str(refused.value) == (
+        f"checkpoint {path} cannot be unpickled safely: it refers to the Python object "
+        f"{__name__}.Smuggled, which a metafilm checkpoint never holds; it is not loaded. Use a "
+        f"checkpoint metafilm wrote"
+    )
 
 
 def test_metrics_are_cut_back_to_the_checkpoint_step(tmp_path: Path) -> None:
@@ -376,10 +393,174 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(
     )
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith("metafilm: error: training diverged at step 2: loss = nan")
-    assert f"the last good checkpoint {run / 'last.pt'} (step 1) is kept" in message
+    # Issue 17: the step-1 checkpoint had a finite loss but weights of size ~1e30 (one Adam step
+    # of lr 1e30): it is not good, so it is not written, and the message gives the rule.
+    assert re.fullmatch(
+        r"metafilm: error: training diverged at step 1: weight \S+ reached magnitude "
+        r"[0-9.]+e\+(2[5-9]|3\d) \(the bound is 10000\); no checkpoint was written yet \(a good "
+        r"checkpoint is one whose step had a finite loss and all of whose weights are finite and "
+        r"below 10000 in magnitude\)\. Lower adapt\.inner_lr or outer\.lr and start over with "
+        r"--force",
+        message,
+    ), message
     assert "Traceback" not in result.stderr
-    payload = load_checkpoint(run / "last.pt")
-    assert payload["step"] == 1
-    assert all(bool(torch.isfinite(t).all()) for t in payload["model"].values())
-    assert [row["step"] for row in rows_without_time(run)] == [1]
+    assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
+
+
+def test_a_checkpoint_with_huge_weights_is_not_kept_as_good(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path, 0)
+    good = {"kind": "train", "step": 5, "model": {"w": torch.full((3,), 9999.0)}}
+    writer.checkpoint("last.pt", good)
+    for bad_value, shown in ((1.0e6, "1e+06"), (float("nan"), "nan"), (-1e4, "1e+04")):
+        bad = {"kind": "train", "step": 6, "model": {"w": torch.tensor([0.0, bad_value])}}
+        with pytest.raises(DivergedError) as diverged:
+            writer.checkpoint("last.pt", bad)
+        assert str(diverged.value) == (
+            f"training diverged at step 6: weight w reached magnitude {shown} (the bound is "
+            f"10000); the last good checkpoint {tmp_path / 'last.pt'} (step 5) is kept (a good "
+            f"checkpoint is one whose step had a finite loss and all of whose weights are finite "
+            f"and below 10000 in magnitude). Lower adapt.inner_lr or outer.lr and start over with "
+            f"--force"
+        )
+        assert load_checkpoint(tmp_path / "last.pt")["step"] == 5
+    counter = {"kind": "train", "step": 7, "model": {"n": torch.tensor(10**6)}}  # an int buffer
+    writer.checkpoint("last.pt", counter)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 7
+    assert f"(step 7) is kept ({GOOD_CHECKPOINT})" in str(
+        _divergence(8, {"loss": math.inf}, tmp_path, 7)
+    )
+    writer.close()
+
+
+CHILD = r"""
+import os, signal, sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import metafilm.checkpoint as checkpoint
+import metafilm.train as train
+from metafilm.cli import main
+
+kind, at, run = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+last = run / "last.pt"
+state = {"step": checkpoint.load_checkpoint(last)["step"] if last.is_file() else 0}
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+real_step, real_evaluate, real_save = train.meta_step, train.evaluate, train.save_checkpoint
+
+
+def meta_step(*args, **kwargs):
+    if kind == "step" and state["step"] + 1 == at:
+        die()
+    result = real_step(*args, **kwargs)
+    state["step"] += 1
+    return result
+
+
+def evaluate(learner, episodes, *args, **kwargs):
+    if kind == "validation" and state["step"] == at:
+        def episodes_then_die(episodes=episodes):
+            yield from episodes
+            die()  # the last batch is evaluated, its accuracies not yet returned
+        episodes = episodes_then_die()
+    return real_evaluate(learner, episodes, *args, **kwargs)
+
+
+def save_checkpoint(path, payload):
+    if kind == "checkpoint" and Path(path).name == "last.pt" and payload.get("step") == at:
+        writer = checkpoint.atomic_writer
+
+        @contextmanager
+        def half_written(target):
+            with writer(target) as file:
+                file.write(checkpoint.MAGIC)
+                file.flush()
+                die()
+                yield file
+
+        checkpoint.atomic_writer = half_written
+    real_save(path, payload)
+
+
+train.meta_step, train.evaluate, train.save_checkpoint = meta_step, evaluate, save_checkpoint
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def kill_points(seed: int) -> list[tuple[str, int]]:
+    """At least 10 places to kill TINY's 40-step run, drawn at random: during a training step
+    (one before the first checkpoint), during the write of `last.pt`, during a validation."""
+    rng = random.Random(seed)
+    checkpoints, validations = list(range(5, 41, 5)), [10, 20, 30, 40]
+    chosen_validations = rng.sample(validations, 3)
+    chosen_checkpoints = rng.sample([s for s in checkpoints if s not in chosen_validations], 3)
+    taken = {3, *chosen_validations, *chosen_checkpoints}
+    steps = [3, *rng.sample([s for s in range(1, 41) if s not in taken], 5)]
+    points = (
+        [("step", s) for s in steps]
+        + [("validation", s) for s in chosen_validations]
+        + [("checkpoint", s) for s in chosen_checkpoints]
+    )
+    return sorted(points, key=lambda point: point[1])
+
+
+@pytest.mark.slow
+def test_killed_at_random_points_then_resumed_gives_bit_identical_weights(
+    tmp_path: Path, tiny_config: Path, data_root: Path, omniglot_cache_dir: Path
+) -> None:
+    """Issue 17: kill -9 at 11 points (inside a step, half-way through writing last.pt, inside a
+    validation), resume after each, and end exactly where an uninterrupted run ends."""
+    dirs = {"data_root": data_root, "cache_dir": omniglot_cache_dir}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = metafilm("train", tiny_config, "--out", whole, **dirs)
+    assert done.returncode == 0, done.stderr
+    env = {
+        **os.environ,
+        "METAFILM_DATA_ROOT": str(data_root),
+        "METAFILM_CACHE_DIR": str(omniglot_cache_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+    points = kill_points(seed=17)
+    assert len(points) >= 10 and {kind for kind, _ in points} == {
+        "step",
+        "validation",
+        "checkpoint",
+    }
+    for index, (kind, at) in enumerate(points):
+        command = [
+            "train",
+            str(tiny_config),
+            "--out",
+            str(killed),
+            *(["--resume"] if index else []),
+        ]
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD, kind, str(at), str(killed), *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert child.returncode == -signal.SIGKILL, (kind, at, child.stderr)
+        if kind == "checkpoint":
+            assert list(killed.glob(".last.pt.*.tmp")), "killed half-way through writing last.pt"
+        if (killed / "last.pt").exists():
+            assert load_checkpoint(killed / "last.pt")["step"] < at
+    resumed = metafilm("train", tiny_config, "--out", killed, "--resume", **dirs)
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert a["step"] == b["step"] == 40
+    assert_same_tensors(a["model"], b["model"])
+    for state_a, state_b in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        assert_same_tensors(state_a, state_b)
+    assert_same_tensors(
+        load_checkpoint(whole / "best.pt")["model"], load_checkpoint(killed / "best.pt")["model"]
+    )
+    assert rows_without_time(killed) == rows_without_time(whole)

@@ -3,6 +3,7 @@ saved evaluations, and resuming a finished or interrupted sweep without redoing 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -312,3 +313,49 @@ def test_an_ablation_is_compared_with_its_base_and_a_changed_config_is_refused(
     assert refused.returncode == 1
     assert "Traceback" not in refused.stderr
     assert "cannot resume" in refused.stderr and "model.width" in refused.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_after_raising_train_steps_the_new_checkpoint_is_evaluated_again(
+    tiny_config: Path, tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
+) -> None:
+    """Issue 17: the step-30 evaluations were reported for the step-31 checkpoint."""
+    out, grid = tmp_path / "sweep", ("adapt.inner_steps=1",)
+    arm = out / "adapt.inner_steps=1"
+    no_validation = ("--set", "train.val_every=0")  # the sweep then evaluates last.pt
+
+    def records() -> dict[str, dict]:
+        return {f.name: json.loads(f.read_text()) for f in sorted((arm / "eval").glob("*.json"))}
+
+    def check(steps: int) -> dict[str, dict]:
+        done = sweep(
+            tiny_config,
+            out,
+            data_root,
+            omniglot_cache_dir,
+            *grid,
+            options=(*no_validation, "--set", f"train.steps={steps}"),
+        )
+        assert done.returncode == 0, done.stderr
+        sha = hashlib.sha256((arm / "last.pt").read_bytes()).hexdigest()
+        evaluated = records()
+        assert len(evaluated) == 2
+        for record in evaluated.values():
+            assert (record["checkpoint_step"], record["checkpoint_sha256"]) == (steps, sha)
+        results = json.loads((out / "sweep.json").read_text())["arms"][0]["results"]
+        for record in evaluated.values():
+            label = f"{record['split']} 5-way 1-shot last"
+            assert results[label] == pytest.approx(accuracy_summary(record["accuracies"]))
+        return evaluated
+
+    check(6)
+    first = check(8)
+    mtimes = {path: path.stat().st_mtime_ns for path in (arm / "eval").glob("*.json")}
+    assert check(8) == first, "the same checkpoint and protocol: the files are reused"
+    assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
+    tampered = next(iter(mtimes))
+    record = json.loads(tampered.read_text())
+    record["episode_seed"] = 2  # a file of this name, but not of this protocol
+    tampered.write_text(json.dumps(record))
+    assert check(8) == first, "evaluated again, with the protocol's own seed"

@@ -5,6 +5,8 @@
   distance does, ``-|q - c_k|^2`` differing only by ``-|q|^2``, the same for every class), times a
   learned metric scale (TADAM). It has no per-task weights: it is rebuilt from the support
   features of whatever deviations are current, at every inner step and for the query.
+- ``cosine``: the same from L2-normalised features, cosine similarity times a learned scale
+  (Meta-Baseline); suits pretrained embeddings.
 - ``linear``: one head ``[head_ways, feature_dim]`` shared by all tasks and learned in the outer
   loop (CAVIA); only the FiLM deviations adapt to a task.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -49,6 +52,26 @@ class PrototypeHead(nn.Module):
         return prototype_logits(query_features, prototypes, self.scale)
 
 
+class CosineHead(nn.Module):
+    """Prototypes of the L2-normalised support features, compared with the query by cosine
+    similarity times a learned scale (initialised to ``scale``): Meta-Baseline's classifier
+    (Chen et al. 2021) with TADAM's metric scaling. Pretrained classifier embeddings tell classes
+    apart by direction more than by distance (SimpleShot, Wang et al. 2019)."""
+
+    uses_support = True
+
+    def __init__(self, scale: float = 10.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(
+        self, support_features: Tensor, support_onehot: Tensor, query_features: Tensor
+    ) -> Tensor:
+        prototypes = class_prototypes(F.normalize(support_features, dim=-1), support_onehot)
+        similarity = F.normalize(query_features, dim=-1) @ F.normalize(prototypes, dim=-1).mT
+        return self.scale * similarity
+
+
 class LinearHead(nn.Module):
     """A linear classifier shared by every task; tasks must have exactly ``ways`` classes."""
 
@@ -72,13 +95,18 @@ class LinearHead(nn.Module):
 
 
 def build_head(
-    kind: Literal["prototype", "linear"], feature_dim: int, head_ways: int, scale: float = 1.0
-) -> PrototypeHead | LinearHead:
-    """The head ``ModelSpec.head`` names (``scale``: the prototype head's initial metric scale)."""
+    kind: Literal["prototype", "cosine", "linear"],
+    feature_dim: int,
+    head_ways: int,
+    scale: float = 1.0,
+) -> PrototypeHead | CosineHead | LinearHead:
+    """The head ``ModelSpec.head`` names (``scale``: a prototype head's initial metric scale)."""
     if kind == "prototype":
         return PrototypeHead(scale)
+    if kind == "cosine":
+        return CosineHead(scale)
     if kind == "linear":
         if head_ways < 2:
             raise ValueError(f"head_ways must be at least 2 for a linear head; got {head_ways}")
         return LinearHead(feature_dim, head_ways)
-    raise ValueError(f"unknown head {kind!r}; choose 'prototype' or 'linear'")
+    raise ValueError(f"unknown head {kind!r}; choose 'prototype', 'cosine' or 'linear'")

@@ -25,10 +25,10 @@ class ModelSpec:
     bn_mode: BatchNormMode = "episode"
     encoder: Literal["linear", "mlp", "none"] = "linear"
     encoder_hidden: int = 256
-    head: Literal["prototype", "linear"] = "prototype"
+    head: Literal["prototype", "cosine", "linear"] = "prototype"
     metric_scale: float = 1.0
-    """Initial metric scale of the prototype head (learned; TADAM): pretrained embeddings whose
-    squared distances are large start better at a smaller one."""
+    """Initial metric scale of the prototype or cosine head (learned; TADAM). Meta-Baseline
+    starts its cosine head at 10."""
     head_ways: int = 5
     backbone_mode: Literal["outer", "frozen"] = "outer"
     normalize: bool = False

@@ -427,8 +427,9 @@ def test_a_frozen_backbone_without_pretraining_is_refused(
     frozen = ["--set", "model.backbone_mode=frozen", "--set", "pretrain.enabled=false"]
     message = in_process_error(capsys, "train", config, "--out", tmp_path / "run", *frozen)
     assert message == (
-        'metafilm: error: pretrain.enabled = false with model.backbone_mode = "frozen" would freeze random '
-        "weights: enable pretraining or name a pretrained file in pretrain.backbone"
+        "metafilm: error: pretrain.enabled = false with "
+        'model.backbone_mode = "frozen" would freeze random weights: enable pretraining or name '
+        "a pretrained file in pretrain.backbone"
     )
     assert not (tmp_path / "run").exists()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ def test_linear_head_refuses_tasks_of_another_width_and_unknown_heads_are_refuse
     with pytest.raises(ValueError, match="head_ways"):
         head(None, torch.zeros(3, 3), _features().float())
     with pytest.raises(ValueError, match="unknown head"):
-        build_head("cosine", 7, 5)
+        build_head("euclidean", 7, 5)
 
 
 def test_task_representation_ignores_the_order_and_labelling_of_classes():
@@ -137,3 +138,17 @@ def test_learner_structure_sites_and_frozen_mode():
         FiLMLearner(ModelSpec(backbone_mode="thawed"), AdaptSpec())
     with pytest.raises(ValueError, match="unknown encoder"):
         TaskEncoder(4, {"a": 2}, "transformer")
+
+
+def test_cosine_head_is_scaled_cosine_similarity_to_normalised_prototypes() -> None:
+    torch.manual_seed(0)
+    support, query = torch.randn(6, 5), torch.randn(4, 5)
+    onehot = F.one_hot(torch.tensor([0, 0, 1, 1, 2, 2]), 3).float()
+    head = build_head("cosine", 5, 3, scale=7.0)
+    s, q = support.double().numpy(), query.double().numpy()
+    s = s / np.linalg.norm(s, axis=1, keepdims=True)
+    prototypes = np.stack([s[2 * k : 2 * k + 2].mean(0) for k in range(3)])
+    prototypes /= np.linalg.norm(prototypes, axis=1, keepdims=True)
+    expected = 7.0 * (q / np.linalg.norm(q, axis=1, keepdims=True)) @ prototypes.T
+    np.testing.assert_allclose(head(support, onehot, query).detach().numpy(), expected, rtol=1e-5)
+    assert head.uses_support and float(head.scale) == 7.0

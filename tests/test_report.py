@@ -214,7 +214,7 @@ def test_pairing_with_two_seeds_is_the_same_in_either_order(tmp_path: Path) -> N
     assert accuracy_plot_labels(_results([a, b])) == labels
     # One seed everywhere: labels as before, with no seed in them.
     alone = read_run(
-        fake_run(tmp_path / "alone", "a", [{"ways": 5, "shots": 1, "accuracies": [1]}])
+        fake_run(tmp_path / "alone", "a", [{"ways": 5, "shots": 1, "accuracies": [1.0, 1.0, 0.8]}])
     )
     assert evaluation_labels(alone.evaluations) == ["test 5-way 1-shot inner 3"]
     assert accuracy_plot_labels(_results([alone, b])) == ["a\n5-way 1-shot\ntest"] + [

@@ -151,4 +151,4 @@ def test_cosine_head_is_scaled_cosine_similarity_to_normalised_prototypes() -> N
     prototypes /= np.linalg.norm(prototypes, axis=1, keepdims=True)
     expected = 7.0 * (q / np.linalg.norm(q, axis=1, keepdims=True)) @ prototypes.T
     np.testing.assert_allclose(head(support, onehot, query).detach().numpy(), expected, rtol=1e-5)
-    assert head.uses_support and float(head.scale) == 7.0
+    assert head.uses_support and head.scale.item() == 7.0

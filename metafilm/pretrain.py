@@ -13,7 +13,7 @@ all a resumed run needs to end with the same weights, bit for bit, as an uninter
 With validation, the backbone is judged every `val_every` steps by what it is for: nearest-
 prototype few-shot accuracy of its embedding on fixed validation episodes (not its classification
 loss), and the best one is kept. Nothing here touches the disk: the caller saves what
-`on_checkpoint` and `on_best` hand it (`metafilm.train`).
+`on_checkpoint` hands it (`metafilm.train`).
 """
 
 from __future__ import annotations

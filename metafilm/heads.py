@@ -52,17 +52,14 @@ class PrototypeHead(nn.Module):
         return prototype_logits(query_features, prototypes, self.scale)
 
 
-class CosineHead(nn.Module):
+class CosineHead(PrototypeHead):
     """Prototypes of the L2-normalised support features, compared with the query by cosine
     similarity times a learned scale (initialised to ``scale``): Meta-Baseline's classifier
     (Chen et al. 2021) with TADAM's metric scaling. Pretrained classifier embeddings tell classes
     apart by direction more than by distance (SimpleShot, Wang et al. 2019)."""
 
-    uses_support = True
-
     def __init__(self, scale: float = 10.0) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        super().__init__(scale)
 
     def forward(
         self, support_features: Tensor, support_onehot: Tensor, query_features: Tensor

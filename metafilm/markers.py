@@ -66,6 +66,19 @@ def is_empty_dir(directory: Path) -> bool:
     return directory.is_dir() and not any(directory.iterdir())
 
 
+def foreign_folder(out: Path, marker: str, command: str) -> str | None:
+    """Why `command` must not write into the folder `out` (None when it may): `out` is a file,
+    or it holds files and does not carry `marker`, so something else wrote them."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder; choose another --out"
+    if out.is_dir() and not is_marked(out, marker) and not is_empty_dir(out):
+        return (
+            f"{out} already holds files that {command} did not write (no {marker} marker); "
+            f"choose a new --out"
+        )
+    return None
+
+
 def _remove(paths: Iterable[Path]) -> None:
     for path in paths:
         if path.is_file() or path.is_symlink():

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from metafilm.config import ConfigError, RunConfig, config_to_dict, load_config
-from metafilm.markers import REPORT_MARKER, is_empty_dir, is_marked, mark
+from metafilm.markers import REPORT_MARKER, foreign_folder, mark
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -806,13 +806,9 @@ def _plot_film_diagnostics(runs: Sequence[RunFiles], path: Path) -> None:
 def check_report_dir(out: Path) -> None:
     """Refuse a report folder that is a file, or that holds files `metafilm report` did not write
     there (no `REPORT_MARKER`): a report only ever replaces an earlier report."""
-    if out.exists() and not out.is_dir():
-        raise ReportError(f"--out {out} is a file, not a folder; choose another --out")
-    if out.is_dir() and not is_marked(out, REPORT_MARKER) and not is_empty_dir(out):
-        raise ReportError(
-            f"{out} already holds files that metafilm report did not write (no {REPORT_MARKER} "
-            f"marker); choose a new --out"
-        )
+    refusal = foreign_folder(out, REPORT_MARKER, "metafilm report")
+    if refusal is not None:
+        raise ReportError(refusal)
 
 
 def write_report(

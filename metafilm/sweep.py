@@ -28,7 +28,7 @@ import numpy as np
 
 from metafilm.checkpoint import load_checkpoint
 from metafilm.config import ConfigError, RunConfig, load_config, parse_override
-from metafilm.markers import SWEEP_MARKER, is_empty_dir, is_marked, mark
+from metafilm.markers import SWEEP_MARKER, foreign_folder, mark
 from metafilm.report import (
     CONFIG_FILE,
     LAST,
@@ -264,13 +264,9 @@ def _plot(rows: list[dict], path: Path) -> None:
 def check_sweep_dir(out: Path) -> None:
     """Refuse a sweep folder that is a file, or that holds files `metafilm sweep` did not write
     (no `SWEEP_MARKER`): a sweep only ever resumes an earlier sweep."""
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} is a file, not a folder; choose another --out")
-    if out.is_dir() and not is_marked(out, SWEEP_MARKER) and not is_empty_dir(out):
-        raise RunError(
-            f"{out} already holds files that metafilm sweep did not write (no {SWEEP_MARKER} "
-            f"marker); choose a new --out"
-        )
+    refusal = foreign_folder(out, SWEEP_MARKER, "metafilm sweep")
+    if refusal is not None:
+        raise RunError(refusal)
 
 
 def run_sweep(

@@ -691,10 +691,10 @@ def train(
         "the step to start from", 0 if checkpoint is None else checkpoint["step"]
     )
     fresh = checkpoint is None
-    if fresh:
-        _standardise_inputs(learner, config, sources.train_classes)
-    if fresh and config.pretrain.backbone:
+    if fresh and config.pretrain.backbone:  # its statistics come with its weights
         load_backbone(learner, Path(config.pretrain.backbone))
+    elif fresh:
+        _standardise_inputs(learner, config, sources.train_classes)
     if processes.is_main:
         start_run_dir(run_dir, config, resume=resume)
     processes.barrier()
@@ -723,6 +723,7 @@ def train(
     # Running batch-norm statistics follow each process's own tasks: averaged after every step,
     # they stay the same everywhere, so that validation and a resumed run see what is saved.
     running_statistics = list(learner.buffers())
+    photo, dtype = photo_augmentation(config.data), next(learner.parameters()).dtype
     build_train = input_builder(learner, sources.train_classes)
     if sources.validation is not None:
         validation_inputs = input_builder(learner, sources.val_classes)
@@ -745,8 +746,8 @@ def train(
                     config.train.seed,
                     step,
                     config.outer.aux_batch_size,
-                    photo_augmentation(config.data),
-                    next(learner.parameters()).dtype,
+                    photo,
+                    dtype,
                 )
                 weight = auxiliary_weight(config.outer, step)
                 auxiliary = Auxiliary(aux_classifier, images, labels, weight)

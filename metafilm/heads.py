@@ -37,13 +37,14 @@ def prototype_logits(query_features: Tensor, prototypes: Tensor, scale: Tensor) 
 
 
 class PrototypeHead(nn.Module):
-    """Prototype head with a learned metric scale (initialised to ``scale``)."""
+    """Prototype head with a metric scale, initialised to ``scale`` and learned unless
+    ``learn_scale`` is false."""
 
     uses_support = True
 
-    def __init__(self, scale: float = 1.0) -> None:
+    def __init__(self, scale: float = 1.0, learn_scale: bool = True) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn_scale)
 
     def forward(
         self, support_features: Tensor, support_onehot: Tensor, query_features: Tensor
@@ -58,8 +59,8 @@ class CosineHead(PrototypeHead):
     (Chen et al. 2021) with TADAM's metric scaling. Pretrained classifier embeddings tell classes
     apart by direction more than by distance (SimpleShot, Wang et al. 2019)."""
 
-    def __init__(self, scale: float = 10.0) -> None:
-        super().__init__(scale)
+    def __init__(self, scale: float = 10.0, learn_scale: bool = True) -> None:
+        super().__init__(scale, learn_scale)
 
     def forward(
         self, support_features: Tensor, support_onehot: Tensor, query_features: Tensor
@@ -96,12 +97,14 @@ def build_head(
     feature_dim: int,
     head_ways: int,
     scale: float = 1.0,
+    learn_scale: bool = True,
 ) -> PrototypeHead | CosineHead | LinearHead:
-    """The head ``ModelSpec.head`` names (``scale``: a prototype head's initial metric scale)."""
+    """The head ``ModelSpec.head`` names (``scale``: a prototype or cosine head's initial metric
+    scale, learned unless ``learn_scale`` is false)."""
     if kind == "prototype":
-        return PrototypeHead(scale)
+        return PrototypeHead(scale, learn_scale)
     if kind == "cosine":
-        return CosineHead(scale)
+        return CosineHead(scale, learn_scale)
     if kind == "linear":
         if head_ways < 2:
             raise ValueError(f"head_ways must be at least 2 for a linear head; got {head_ways}")

@@ -66,7 +66,11 @@ class FiLMLearner(nn.Module):
             )
         )
         self.head = build_head(
-            model.head, self.backbone.feature_dim, model.head_ways, model.metric_scale
+            model.head,
+            self.backbone.feature_dim,
+            model.head_ways,
+            model.metric_scale,
+            model.learn_metric_scale,
         )
         self.inner_lrs = (
             nn.Parameter(torch.full((2 * sum(self.site_channels.values()),), adapt.inner_lr))

@@ -27,8 +27,10 @@ class ModelSpec:
     encoder_hidden: int = 256
     head: Literal["prototype", "cosine", "linear"] = "prototype"
     metric_scale: float = 1.0
-    """Initial metric scale of the prototype or cosine head (learned; TADAM). Meta-Baseline
-    starts its cosine head at 10."""
+    """Initial metric scale of the prototype or cosine head (TADAM). Meta-Baseline starts its
+    cosine head at 10."""
+    learn_metric_scale: bool = True
+    """Whether the outer loop learns the metric scale (TADAM) or keeps it at ``metric_scale``."""
     head_ways: int = 5
     backbone_mode: Literal["outer", "frozen"] = "outer"
     normalize: bool = False

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from episodes.classes import ClassImages, channel_statistics
-from episodes.integrity import CacheError, ChecksumError, atomic_writer
+from episodes.integrity import CacheError, ChecksumError, atomic_writer, resolve_cache_dir
 from episodes.lake import load_lake_runs
 from episodes.miniimagenet import load_miniimagenet
 from episodes.omniglot import load_omniglot
@@ -724,9 +724,10 @@ def train(
     # they stay the same everywhere, so that validation and a resumed run see what is saved.
     running_statistics = list(learner.buffers())
     photo, dtype = photo_augmentation(config.data), next(learner.parameters()).dtype
-    build_train = input_builder(learner, sources.train_classes)
+    prefix_dir = resolve_cache_dir(config.data.cache_dir or None)
+    build_train = input_builder(learner, sources.train_classes, cache_dir=prefix_dir)
     if sources.validation is not None:
-        validation_inputs = input_builder(learner, sources.val_classes)
+        validation_inputs = input_builder(learner, sources.val_classes, cache_dir=prefix_dir)
     saved_step = None if checkpoint is None else step
     settings = config.train
     writer = RunWriter(run_dir, step) if processes.is_main else None
@@ -1065,7 +1066,9 @@ def evaluate_checkpoint(
             f"outputs, so it can only be tested {config.data.ways}-way"
         )
     classes = load_split(config.data, settings.split, settings.alphabets)
-    build = input_builder(loaded.learner, classes)
+    build = input_builder(
+        loaded.learner, classes, cache_dir=resolve_cache_dir(config.data.cache_dir or None)
+    )
     sources = {
         (ways, shots): episodes_fitting(
             "eval.ways / eval.shots / eval.query",

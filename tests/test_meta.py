@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from episodes.classes import ClassImages
+from episodes.integrity import read_array_cache, write_array_cache
 from episodes.sampler import Episode, EpisodeSampler, FixedEpisodes, gather
 from metafilm.allocator import TRIM_THRESHOLD
 from metafilm.backbones import Conv4, ResNet12
@@ -297,6 +298,20 @@ def test_optimizer_decays_the_encoder_predictor_only_and_skips_a_frozen_backbone
     assert id(learner.encoder.postmult) in optimized and id(learner.head.scale) in optimized
 
 
+@pytest.mark.parametrize("head", ["prototype", "cosine"])
+def test_a_fixed_metric_scale_is_left_out_of_the_optimiser_and_stays_put(head):
+    for learn in (True, False):
+        learner = _learner(head=head, metric_scale=7.0, learn_metric_scale=learn)
+        optimizer = make_optimizer(learner, OuterSpec(lr=0.01))
+        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        assert (id(learner.head.scale) in optimized) is learn
+        classes = _class_images()
+        index_episode = EpisodeSampler(classes, WAYS, SHOTS, QUERY, seed=0).sample(0, TASKS)
+        episode = gather(classes, index_episode, dtype=torch.float64)
+        meta_step(learner, optimizer, episode, AdaptSpec(), OuterSpec(lr=0.01))
+        assert (float(learner.head.scale) != 7.0) is learn
+
+
 def test_the_postmultiplier_l2_adds_its_own_gradient_and_nothing_else():
     classes = _class_images()
     index_episode = EpisodeSampler(classes, WAYS, SHOTS, QUERY, seed=0).sample(0, TASKS)
@@ -370,6 +385,49 @@ def test_cached_prefix_gives_the_same_losses_gradients_and_accuracies():
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(acc_b, acc_a)
+
+
+def test_prefix_features_on_disk_are_reused_only_for_the_same_backbone_and_images(tmp_path, caplog):
+    learner = _learner(film_sites=("block3",), backbone_mode="frozen", bn_mode="running")
+    classes = _class_images()
+    index_episode = EpisodeSampler(classes, WAYS, SHOTS, QUERY, seed=0).sample(0, TASKS)
+
+    def expected():  # independently: the backbone's first two blocks on the episode's images
+        with torch.no_grad():
+            images = gather(classes, index_episode, dtype=torch.float64).support_x
+            return learner.backbone.prefix(images.flatten(0, 1), 2)
+
+    def cached(images=classes):
+        build = input_builder(learner, images, cache_dir=tmp_path)
+        return build(index_episode).support_x.flatten(0, 1) if images is classes else None
+
+    def files():
+        return sorted((tmp_path / "prefix").glob("*.bin"))
+
+    torch.testing.assert_close(cached(), expected())
+    (first,) = files()
+    array, header = read_array_cache(first, {})
+    for key in ("dtype", "shape", "payload_sha256"):
+        del header[key]
+    write_array_cache(first, np.full_like(array, 7.0), header)  # forged, with a valid header
+    assert torch.all(cached() == 7.0)  # so the second build read the file
+
+    cached(_class_images(seed=1))  # other images: a file of their own
+    assert len(files()) == 2
+    weight = learner.backbone.blocks[0].conv.weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0, 0, 0] += 1.0  # another backbone
+    torch.testing.assert_close(cached(), expected())
+    assert len(files()) == 3
+    with torch.no_grad():
+        weight.copy_(original)
+    first.write_bytes(first.read_bytes()[:-8])  # damaged: recomputed and written again
+    with caplog.at_level("WARNING", logger="metafilm.prefix_cache"):
+        torch.testing.assert_close(cached(), expected())
+    assert "recomputing the prefix features" in caplog.text
+    torch.testing.assert_close(cached(), expected())
+    assert len(files()) == 3
 
 
 def test_input_builder_gathers_images_when_the_prefix_is_not_fixed():

@@ -26,7 +26,6 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -43,10 +42,11 @@ from metafilm.inner import Differentiate
 from metafilm.inner import adapt as adapt_deviations
 from metafilm.interop import as_episode
 from metafilm.learner import FiLMLearner
-from metafilm.prefix_cache import cached_prefix
 from metafilm.specs import AdaptSpec, OuterSpec
 
 Strategy = Literal["auto", "loop", "vmap"]
+PrefixStore = Callable[[torch.nn.Module, int, Tensor, torch.dtype, Callable[[], Tensor]], Tensor]
+"""Keeps a frozen backbone's prefix features between runs (see :func:`input_builder`)."""
 STRATEGIES = ("auto", "loop", "vmap")
 
 
@@ -402,7 +402,7 @@ def input_builder(
     *,
     batch_size: int = 1024,
     max_cache_bytes: int = 6 * 2**30,
-    cache_dir: Path | None = None,
+    stored: PrefixStore | None = None,
 ) -> Callable[[IndexEpisode], Episode]:
     """What turns index episodes into the inputs :func:`meta_step` and :func:`evaluate` read.
 
@@ -413,9 +413,9 @@ def input_builder(
     used block. With batch norm in episode mode the prefix depends on the episode's batch, so
     nothing is cached. When the cache would exceed ``max_cache_bytes`` (default 6 GiB: the 4.3 GB
     that miniImageNet's training split takes before block 3 of a 64-filter Conv-4 fits) this warns
-    and gathers images. With ``cache_dir`` the features are kept on disk there
-    (:mod:`metafilm.prefix_cache`), keyed by the backbone and the images, and read back by any
-    later run over the same frozen backbone.
+    and gathers images. ``stored`` may keep the features between runs: it is called as
+    ``stored(backbone, end_block, images, dtype, compute)`` and returns the features, computed by
+    ``compute()`` or read back (the trainer passes :func:`metafilm.prefix_cache.prefix_store`).
     """
     backbone = learner.backbone
     dtype = next(backbone.parameters()).dtype
@@ -447,10 +447,7 @@ def input_builder(
                 ]
             )
 
-    if cache_dir is None or dtype not in (torch.float32, torch.float64):
-        features = compute()
-    else:
-        features = cached_prefix(cache_dir, backbone, end_block, images, dtype, compute)
+    features = compute() if stored is None else stored(backbone, end_block, images, dtype, compute)
     return partial(_gather_features, features)
 
 

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,12 @@ def prefix_key(backbone: nn.Module, end_block: int, images: Tensor, dtype: torch
     }
 
 
+def prefix_store(cache_dir: Path) -> Callable[..., Tensor]:
+    """The ``stored`` argument of ``metafilm.meta.input_builder`` that keeps features in
+    ``cache_dir``."""
+    return partial(cached_prefix, cache_dir)
+
+
 def cached_prefix(
     cache_dir: Path,
     backbone: nn.Module,
@@ -62,7 +69,10 @@ def cached_prefix(
     compute: Callable[[], Tensor],
 ) -> Tensor:
     """The prefix features of ``images`` from ``cache_dir`` if a file there was computed from this
-    very backbone and these images; otherwise ``compute()``, saved there for the next run."""
+    very backbone and these images; otherwise ``compute()``, saved there for the next run. Only
+    float32 and float64 features are kept."""
+    if dtype not in (torch.float32, torch.float64):
+        return compute()
     key = prefix_key(backbone, end_block, images, dtype)
     name = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:24]
     path = Path(cache_dir) / "prefix" / f"{name}.bin"

@@ -92,6 +92,7 @@ from metafilm.meta import (
     meta_step,
     set_learning_rate,
 )
+from metafilm.prefix_cache import prefix_store
 from metafilm.pretrain import (
     PretrainState,
     Validation,
@@ -724,10 +725,10 @@ def train(
     # they stay the same everywhere, so that validation and a resumed run see what is saved.
     running_statistics = list(learner.buffers())
     photo, dtype = photo_augmentation(config.data), next(learner.parameters()).dtype
-    prefix_dir = resolve_cache_dir(config.data.cache_dir or None)
-    build_train = input_builder(learner, sources.train_classes, cache_dir=prefix_dir)
+    stored = prefix_store(resolve_cache_dir(config.data.cache_dir or None))
+    build_train = input_builder(learner, sources.train_classes, stored=stored)
     if sources.validation is not None:
-        validation_inputs = input_builder(learner, sources.val_classes, cache_dir=prefix_dir)
+        validation_inputs = input_builder(learner, sources.val_classes, stored=stored)
     saved_step = None if checkpoint is None else step
     settings = config.train
     writer = RunWriter(run_dir, step) if processes.is_main else None
@@ -1067,7 +1068,9 @@ def evaluate_checkpoint(
         )
     classes = load_split(config.data, settings.split, settings.alphabets)
     build = input_builder(
-        loaded.learner, classes, cache_dir=resolve_cache_dir(config.data.cache_dir or None)
+        loaded.learner,
+        classes,
+        stored=prefix_store(resolve_cache_dir(config.data.cache_dir or None)),
     )
     sources = {
         (ways, shots): episodes_fitting(

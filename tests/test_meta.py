@@ -30,6 +30,7 @@ from metafilm.meta import (
     meta_step,
     task_loss,
 )
+from metafilm.prefix_cache import prefix_store
 from metafilm.pretrain import pretrain_backbone
 from metafilm.specs import AdaptSpec, ModelSpec, OuterSpec
 
@@ -398,7 +399,7 @@ def test_prefix_features_on_disk_are_reused_only_for_the_same_backbone_and_image
             return learner.backbone.prefix(images.flatten(0, 1), 2)
 
     def cached(images=classes):
-        build = input_builder(learner, images, cache_dir=tmp_path)
+        build = input_builder(learner, images, stored=prefix_store(tmp_path))
         return build(index_episode).support_x.flatten(0, 1) if images is classes else None
 
     def files():

@@ -12,7 +12,8 @@
 
 Both take ``(support_features, support_onehot, query_features)`` and return query logits, so the
 meta code treats them alike; ``uses_support`` tells it whether the support features are read (the
-linear head takes ``None`` for them).
+linear head takes ``None`` for them). ``logit_magnitude`` (same arguments) bounds the size of the
+terms each logit sums: the yardstick of its rounding error (``metafilm.meta.evaluate_exact``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ class PrototypeHead(nn.Module):
         prototypes = class_prototypes(support_features, support_onehot)
         return prototype_logits(query_features, prototypes, self.scale)
 
+    def logit_magnitude(
+        self, support_features: Tensor, support_onehot: Tensor, query_features: Tensor
+    ) -> Tensor:
+        """A bound on the size of the terms a logit sums, ``|scale| (2 |q| |c| + |c|^2)`` at the
+        largest ``|q|`` and ``|c|``: the scale of its rounding error, however much they cancel."""
+        prototypes = class_prototypes(support_features, support_onehot)
+        query_norm = query_features.norm(dim=-1).max()
+        prototype_norm = prototypes.norm(dim=-1).max()
+        return self.scale.abs() * prototype_norm * (2 * query_norm + prototype_norm)
+
 
 class CosineHead(PrototypeHead):
     """Prototypes of the L2-normalised support features, compared with the query by cosine
@@ -68,6 +79,12 @@ class CosineHead(PrototypeHead):
         prototypes = class_prototypes(F.normalize(support_features, dim=-1), support_onehot)
         similarity = F.normalize(query_features, dim=-1) @ F.normalize(prototypes, dim=-1).mT
         return self.scale * similarity
+
+    def logit_magnitude(
+        self, support_features: Tensor, support_onehot: Tensor, query_features: Tensor
+    ) -> Tensor:
+        """``|scale|``: a cosine is at most 1."""
+        return self.scale.abs()
 
 
 class LinearHead(nn.Module):
@@ -90,6 +107,13 @@ class LinearHead(nn.Module):
                 "head='prototype'"
             )
         return self.linear(query_features)
+
+    def logit_magnitude(
+        self, support_features: Tensor | None, support_onehot: Tensor, query_features: Tensor
+    ) -> Tensor:
+        """``|w| |q| + |b|`` at the largest of each."""
+        weight, bias = self.linear.weight, self.linear.bias
+        return weight.norm(dim=-1).max() * query_features.norm(dim=-1).max() + bias.abs().max()
 
 
 def build_head(

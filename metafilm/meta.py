@@ -21,6 +21,7 @@ over the tasks (``torch.func.grad`` inside; needs batch norm that updates no run
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -129,12 +130,17 @@ def _task(
     )
     if learner.head.uses_support:
         features = embed(torch.cat([support_x, query_x]), adapted)
-        query_logits = logits(features[: len(support_x)], features[len(support_x) :])
+        head_inputs = (features[: len(support_x)], onehot, features[len(support_x) :])
     else:
-        query_logits = logits(None, embed(query_x, adapted))
+        head_inputs = (None, onehot, embed(query_x, adapted))
+    query_logits = modules.head(*head_inputs)
+    with torch.no_grad():  # a diagnostic: how near the closest decision is to a tie
+        top_two = query_logits.topk(2, dim=-1).values
+        margin = (top_two[:, 0] - top_two[:, 1]).min() / learner.head.logit_magnitude(*head_inputs)
     metrics = {
         "accuracy": (query_logits.argmax(-1) == query_y).to(query_logits.dtype).mean(),
         "film_l2": l2_to_identity(adapted),
+        "margin": margin,
     }
     for name, deviations in (("film_predicted", predicted), ("film_adapted", adapted)):
         for site, (dgamma, dbeta) in deviations.items():
@@ -156,7 +162,9 @@ def task_loss(
 
     ``params``/``buffers`` are named as in ``learner.named_parameters()``/``named_buffers()``.
     Metrics: ``accuracy``, ``film_l2`` (squared distance of the adapted deviations from identity,
-    differentiable: the outer regulariser), ``film_predicted/<site>`` and ``film_adapted/<site>``
+    differentiable: the outer regulariser), ``margin`` (the smallest gap between a query's two
+    largest logits, over the head's ``logit_magnitude``: how near the task's closest decision is
+    to a tie, see :func:`evaluate_exact`), ``film_predicted/<site>`` and ``film_adapted/<site>``
     (RMS size of the starting and adapted deviations). ``start_block > 0`` means the inputs are
     ``backbone.prefix(images, start_block)`` features.
     """
@@ -341,7 +349,11 @@ def meta_step(
     max_norm = math.inf if outer.grad_clip is None else outer.grad_clip
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
     optimizer.step()
-    summary = {name: float(values.mean()) for name, values in metrics.items() if name != "film_l2"}
+    summary = {
+        name: float(values.mean())
+        for name, values in metrics.items()
+        if name not in ("film_l2", "margin")
+    }
     summary["grad_norm"] = float(grad_norm)
     return summary
 
@@ -360,27 +372,97 @@ def evaluate(
     is evaluated in eval mode and returned to the mode it was in. A learner with Meta-SGD rates
     uses them in place of ``adapt.inner_lr``. ``strategy`` as in :func:`meta_backward`.
     """
+    accuracies = [
+        _evaluation_metrics(learner, episode, adapt, strategy)["accuracy"]
+        for episode in map(as_episode, episodes)
+    ]
+    return torch.cat(accuracies).double().numpy() if accuracies else np.zeros(0)
+
+
+FLOAT32_LOGIT_ERROR = 2.0**-14
+"""Bound, relative to the head's ``logit_magnitude`` (the size of the terms a logit sums), on how
+far a float32 evaluation's logits lie from float64's: the unit roundoff 2^-24 times 1024, far
+above what scripts/bench_evaluation.py measures (docs/benchmarks.md)."""
+
+
+def evaluate_exact(
+    learner: FiLMLearner,
+    episodes: Iterable[Episode],
+    adapt: AdaptSpec,
+    *,
+    strategy: Strategy = "auto",
+    logit_error: float = FLOAT32_LOGIT_ERROR,
+) -> tuple[np.ndarray, int]:
+    """:func:`evaluate` of a float64 ``learner``, computed in float32 wherever that gives the
+    same answer; returns the accuracies and how many tasks were computed in float64.
+
+    Each task runs first on a float32 copy of the learner. If every logit is within
+    ``logit_error`` times the head's ``logit_magnitude`` of its float64 value, a query whose two
+    largest float32 logits are more than twice that apart has the same prediction as in float64;
+    a task with a closer query (a near-tie, whose prediction the order of float32 sums could
+    flip: another thread count, another CPU) is computed again in float64. So the accuracies are
+    float64's and do not depend on the thread count, at the cost of float32 for all but the
+    near-tied tasks.
+    """
+    fast = copy.deepcopy(learner).float()
+    accuracies: list[Tensor] = []
+    recomputed = 0
+    for episode in map(as_episode, episodes):
+        metrics = _evaluation_metrics(fast, _cast(episode, torch.float32), adapt, strategy)
+        queries = episode.query_y.shape[-1]  # float32's k/n made float64's k/n
+        accuracy = torch.round(metrics["accuracy"].double() * queries) / queries
+        near_tie = ~(metrics["margin"] > 2 * logit_error)  # NaN margins are redone too
+        if bool(near_tie.any()):
+            rows = near_tie.nonzero().flatten()
+            exact = _evaluation_metrics(learner, _tasks(episode, rows), adapt, strategy)
+            accuracy[rows] = exact["accuracy"].double()
+            recomputed += len(rows)
+        accuracies.append(accuracy)
+    return (torch.cat(accuracies).numpy() if accuracies else np.zeros(0)), recomputed
+
+
+def _cast(episode: Episode, dtype: torch.dtype) -> Episode:
+    return replace(
+        episode, support_x=episode.support_x.to(dtype), query_x=episode.query_x.to(dtype)
+    )
+
+
+def _tasks(episode: Episode, rows: Tensor) -> Episode:
+    """The tasks ``rows`` of ``episode``."""
+    return Episode(
+        episode.support_x[rows],
+        episode.support_y[rows],
+        episode.query_x[rows],
+        episode.query_y[rows],
+        episode.ways,
+    )
+
+
+def _evaluation_metrics(
+    learner: FiLMLearner, episode: Episode, adapt: AdaptSpec, strategy: Strategy
+) -> dict[str, Tensor]:
+    """Per-task ``accuracy`` and ``margin`` (see :func:`task_loss`) of one meta-batch, in eval
+    mode and without an outer graph."""
     first_order = replace(adapt, first_order=True)  # same values, no graph of the inner gradient
     modules = _own_modules(learner)
+    start_block = _start_block(learner, episode.support_x)
     was_training = learner.training
     learner.eval()
-    accuracies: list[Tensor] = []
     try:
         with torch.no_grad():
-            for episode in map(as_episode, episodes):
-                start_block = _start_block(learner, episode.support_x)
-                if _resolve_strategy(strategy, start_block) == "vmap":
-                    _, metrics = _all_tasks_vmapped(
-                        modules, learner, first_order, episode, start_block
-                    )
-                    accuracies.extend(metrics["accuracy"])
-                    continue
-                for i in range(episode.tasks):
-                    _, metrics = _task_of(modules, learner, first_order, episode, start_block, i)
-                    accuracies.append(metrics["accuracy"])
+            if _resolve_strategy(strategy, start_block) == "vmap":
+                _, metrics = _all_tasks_vmapped(modules, learner, first_order, episode, start_block)
+                return {name: metrics[name] for name in ("accuracy", "margin")}
+            per_task = [
+                _task_of(modules, learner, first_order, episode, start_block, i)[1]
+                for i in range(episode.tasks)
+            ]
+            return {
+                name: torch.stack([metrics[name] for metrics in per_task])
+                for name in ("accuracy", "margin")
+            }
     finally:
         learner.train(was_training)
-    return torch.stack(accuracies).double().numpy() if accuracies else np.zeros(0)
 
 
 def _start_block(learner: FiLMLearner, x: Tensor) -> int:

@@ -86,6 +86,7 @@ from metafilm.meta import (
     Auxiliary,
     auxiliary_weight,
     evaluate,
+    evaluate_exact,
     input_builder,
     learning_rate,
     make_optimizer,
@@ -1018,6 +1019,7 @@ def _load_evaluation(
     learner.load_state_dict(state)
     # float64: in float32, a change in the order of the sums (another thread count, another CPU)
     # flips near-tied predictions and so changes per-episode accuracies; in float64 it does not.
+    # evaluate_exact runs a float32 copy and redoes in float64 only the near-tied tasks.
     learner.double()
     return _Evaluation(checkpoint, config, learner, payload["step"], checkpoint_sha256(checkpoint))
 
@@ -1107,8 +1109,9 @@ def evaluate_checkpoint(
             continue
         what = f"evaluate {ways}-way {shots}-shot on {settings.split!r}"
         batches = _with_progress(fixed_batches(source, build), len(source), what, progress)
-        accuracies = evaluate(loaded.learner, batches, loaded.adapt())
+        accuracies, recomputed = evaluate_exact(loaded.learner, batches, loaded.adapt())
         record = loaded.record(**protocol, accuracies=accuracies.tolist())
+        record["tasks_in_float64"] = recomputed  # the near-ties; the rest ran in float32
         written.append(loaded.write(name, record))
         if on_result is not None:
             on_result(written[-1], record)

@@ -116,6 +116,10 @@ class Conv4Block(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.bn = BatchNorm(out_channels, bn_mode)
 
+    def norm_of(self, site: str) -> BatchNorm:
+        """The batch norm whose output ``site`` modulates."""
+        return self.bn
+
     def forward(self, x: Tensor, film: Film) -> Tensor:
         h = self.bn(self.conv(x), film.get(self.sites[0]))
         return F.max_pool2d(F.relu(h), 2)
@@ -139,6 +143,10 @@ class ResNet12Block(nn.Module):
         self.bn3 = BatchNorm(out_channels, bn_mode)
         self.shortcut_conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.shortcut_bn = BatchNorm(out_channels, bn_mode)
+
+    def norm_of(self, site: str) -> BatchNorm:
+        """The batch norm whose output ``site`` modulates."""
+        return getattr(self, site.rpartition(".")[2])
 
     def forward(self, x: Tensor, film: Film) -> Tensor:
         site1, site2, site3 = self.sites
@@ -213,6 +221,11 @@ class Backbone(nn.Module, abc.ABC):
         if site not in self._site_block:
             raise ValueError(f"unknown FiLM site {site!r}; this backbone has {list(self.sites)}")
         return self._site_block[site]
+
+    def norm_of(self, site: str) -> BatchNorm:
+        """The batch norm whose output FiLM ``site`` modulates: FiLM folds into its affine
+        weight and bias (``metafilm.film.fold_into_affine``)."""
+        return self.blocks[self.block_of(site)].norm_of(site)
 
     def prefix_shape(self, end_block: int) -> tuple[int, int, int]:
         """Per-image shape ``(C, H, W)`` of ``prefix(x, end_block)``: the input of block

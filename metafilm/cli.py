@@ -1,4 +1,5 @@
-"""The `metafilm` command: train, pretrain, evaluate, report, sweep, data.
+"""The `metafilm` command: train, pretrain, evaluate, report, sweep, data, adapt, predict,
+export.
 
 Exit status 0 on success, 1 with a one-line `metafilm: error: ...` for anything a user's config,
 files or data can cause (no traceback), 2 for a malformed command line, 130 when interrupted
@@ -24,6 +25,15 @@ from episodes import CacheError, ChecksumError, DownloadError, load_omniglot
 from metafilm.checkpoint import CheckpointError, load_checkpoint
 from metafilm.config import ConfigError, load_config
 from metafilm.distributed import process_group
+from metafilm.export import export_onnx
+from metafilm.predict import (
+    BATCH,
+    predict_files,
+    prediction_table,
+    query_files,
+    read_support,
+    write_predictions,
+)
 from metafilm.report import (
     LAST,
     ReportError,
@@ -33,11 +43,13 @@ from metafilm.report import (
     write_report,
 )
 from metafilm.sweep import Arm, run_sweep
+from metafilm.task_model import BATCH_NORM, TaskModel, TaskModelError, adapt_checkpoint
 from metafilm.train import (
     USER_ERRORS,
     DataError,
     evaluate_checkpoint,
     evaluate_lake,
+    load_trained,
     pretrain_run,
     resolve_checkpoint,
     train,
@@ -299,7 +311,139 @@ def build_parser() -> argparse.ArgumentParser:
     data_parser.add_argument(
         "--download", action="store_true", help="fetch missing zips from the original release"
     )
+    adapt_parser = commands.add_parser(
+        "adapt",
+        help="adapt a trained model to your labelled images and save the task model",
+        description="Adapt a trained model to a support set (a folder with one subfolder of "
+        "images per class, any number each) with the run's own task encoder and inner loop, and "
+        "save the adapted task (FiLM deviations, prototypes, class names: kilobytes, loaded "
+        "without running code) for metafilm predict --task and metafilm export.",
+    )
+    adapt_parser.add_argument("source", type=Path, help="a run directory or a checkpoint file")
+    _add_support_arguments(adapt_parser)
+    adapt_parser.add_argument(
+        "--out", type=Path, required=True, metavar="TASK", help="the task file to write"
+    )
+    predict_parser = commands.add_parser(
+        "predict",
+        help="label images with a model adapted to your support set, or with a task model",
+        description="Label image files (or every image under folders): either adapt a trained "
+        "run to --support first (metafilm predict RUN --support DIR QUERY...), or use a task "
+        "model written by metafilm adapt (metafilm predict --task TASK QUERY...). Prints file, "
+        "predicted class, its probability and the runners-up; --out writes every probability.",
+    )
+    predict_parser.add_argument(
+        "paths", nargs="+", metavar="PATH", help="[RUN] then query image files or folders"
+    )
+    _add_support_arguments(predict_parser, required=False)
+    predict_parser.add_argument(
+        "--task", type=Path, metavar="TASK", help="a task model (then no RUN and no --support)"
+    )
+    predict_parser.add_argument(
+        "--checkpoint-file",
+        type=Path,
+        metavar="PT",
+        help="with --task: the checkpoint it was adapted from, if it moved",
+    )
+    predict_parser.add_argument(
+        "--out", type=Path, metavar="FILE", help="write every class probability (.json or .csv)"
+    )
+    export_parser = commands.add_parser(
+        "export",
+        help="export a task model as one standalone ONNX network",
+        description="Write a task model as one ONNX network (FiLM folded into the batch norms, "
+        "the head and its prototypes included) that takes float images in [0, 1].",
+    )
+    export_parser.add_argument("task", type=Path, help="a task model written by metafilm adapt")
+    export_parser.add_argument("--onnx", type=Path, required=True, metavar="FILE")
+    export_parser.add_argument(
+        "--checkpoint-file",
+        type=Path,
+        metavar="PT",
+        help="the checkpoint the task was adapted from, if it moved",
+    )
     return parser
+
+
+def _add_support_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument(
+        "--support",
+        type=Path,
+        required=required,
+        metavar="DIR",
+        help="the labelled images: one subfolder per class",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        choices=("auto", "best", "last"),
+        default="auto",
+        help="which checkpoint of a run directory (default: best if validated, else last)",
+    )
+
+
+def _adapted_to_support(source: Path, support: Path, which: str) -> TaskModel:
+    """A run's model adapted to the support folder, with a line saying what was done."""
+    checkpoint = resolve_checkpoint(source, which)
+    trained = load_trained(checkpoint)
+    channels, size, _ = trained.learner.image_shape
+    try:
+        images = read_support(support, size, channels)
+    except (FileNotFoundError, ValueError) as error:
+        raise DataError(str(error)) from None
+    task = adapt_checkpoint(checkpoint, images)
+    counts = ", ".join(f"{name} {len(batch)}" for name, batch in images.items())
+    steps = trained.adapt().inner_steps
+    print(
+        f"adapted {checkpoint} to {len(images)} classes of {support} ({counts} images) with "
+        f"its {trained.config.model.encoder} task encoder and {steps} inner step(s)",
+        file=sys.stderr,
+    )
+    return task
+
+
+def _run_adapt(args: argparse.Namespace) -> None:
+    task = _adapted_to_support(args.source, args.support, args.checkpoint)
+    path = task.save(args.out)
+    kilobytes = path.stat().st_size / 1024
+    print(
+        f"task model written to {path} ({kilobytes:.1f} KiB; it needs {task.checkpoint}). "
+        f"Next: metafilm predict --task {path} IMAGES..."
+    )
+
+
+def _run_predict(args: argparse.Namespace) -> None:
+    if args.task is not None:
+        if args.support is not None:
+            raise ConfigError("--task already holds the support set: drop --support")
+        task = TaskModel.load(args.task, args.checkpoint_file)
+        queries = args.paths
+    else:
+        if args.support is None:
+            raise ConfigError("name a support set (RUN --support DIR) or a task model (--task)")
+        if len(args.paths) < 2:
+            raise ConfigError("give the run, then at least one query image or folder")
+        task = _adapted_to_support(Path(args.paths[0]), args.support, args.checkpoint)
+        queries = args.paths[1:]
+    files = query_files(queries)
+    print(f"batch norm: {BATCH_NORM}", file=sys.stderr)
+    bar = tqdm(total=len(files), desc="predict", unit="image", disable=len(files) <= BATCH)
+    try:
+        predictions = predict_files(task, files, on_batch=lambda done: bar.update(done - bar.n))
+    except (FileNotFoundError, ValueError) as error:
+        raise DataError(str(error)) from None
+    finally:
+        bar.close()
+    print(prediction_table(predictions, task.class_names))
+    if args.out is not None:
+        written = write_predictions(predictions, task.class_names, args.out)
+        print(f"every class probability of {len(predictions)} files written to {written}")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    task = TaskModel.load(args.task, args.checkpoint_file)
+    path = export_onnx(task, args.onnx)
+    kilobytes = path.stat().st_size / 1024
+    print(f"ONNX network of {task.ways} classes written to {path} ({kilobytes:.0f} KiB)")
 
 
 def _run_data(args: argparse.Namespace) -> None:
@@ -457,6 +601,9 @@ COMMANDS = {
     "report": _run_report,
     "sweep": _run_sweep,
     "data": _run_data,
+    "adapt": _run_adapt,
+    "predict": _run_predict,
+    "export": _run_export,
 }
 
 
@@ -517,7 +664,12 @@ def _no_space(args: argparse.Namespace, error: OSError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `metafilm` command line; return the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "predict" or any(word.startswith("-") for word in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # query paths after an option: metafilm predict RUN --support DIR QUERY...
+        args.paths += extra
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     loggers = [logging.getLogger(name) for name in ("metafilm", "episodes")]
@@ -530,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = None
     try:
         COMMANDS[args.command](args)
-    except (*USER_ERRORS, ReportError) as error:
+    except (*USER_ERRORS, ReportError, TaskModelError) as error:
         print(f"metafilm: error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # a path that cannot be read or written: the user's to fix

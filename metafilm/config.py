@@ -30,15 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from episodes import miniimagenet, omniglot
+from episodes import folder, miniimagenet, omniglot
 from metafilm.specs import AdaptSpec, BatchNormMode, ModelSpec, OuterSpec
 
 DATASETS: dict[str, dict[str, Any]] = {
     "omniglot": {"channels": 1, "image_size": 28, "splits": omniglot.SPLITS},
     "miniimagenet": {"channels": 3, "image_size": 84, "splits": miniimagenet.SPLITS},
+    "folder": {"channels": 3, "image_size": 84, "splits": folder.SPLITS},
 }
-"""Per dataset: image channels, the conventional image size (the default of data.image_size) and
-the split names its loader knows."""
+"""Per dataset: image channels (the default of data.channels), the conventional image size (the
+default of data.image_size) and the split names its loader knows."""
 
 _SEED_LIMIT = 2**32
 _Source = TypeVar("_Source")
@@ -52,15 +53,25 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which benchmark, where it lives, and the shape of the training episodes."""
 
-    dataset: Literal["omniglot", "miniimagenet"] = "omniglot"
+    dataset: Literal["omniglot", "miniimagenet", "folder"] = "omniglot"
     root: str = ""
-    """Data root; empty: the environment variable METAFILM_DATA_ROOT."""
+    """Data root; empty: the environment variable METAFILM_DATA_ROOT. For "folder": the folder of
+    class subfolders itself (`episodes.folder`), required."""
     cache_dir: str = ""
     """Cache folder; empty: METAFILM_CACHE_DIR, else ~/.cache/metafilm."""
     format: Literal["auto", "pickle", "hdf5", "jpeg"] = "auto"
     """miniImageNet file format (ignored for Omniglot)."""
     image_size: int | None = None
-    """None: the dataset's conventional size (Omniglot 28, miniImageNet 84)."""
+    """None: the dataset's conventional size (Omniglot 28, miniImageNet 84, a folder 84)."""
+    channels: int | None = None
+    """Image channels, 1 (grey) or 3 (RGB); only a folder's may be chosen. None: the dataset's."""
+    class_lists: str = ""
+    """Folder only: a folder holding train.txt, val.txt and test.txt, the class names of each
+    split (one per line); empty: a seeded random `split_fractions` of the classes."""
+    split_fractions: tuple[float, float, float] = folder.DEFAULT_FRACTIONS
+    """Folder only, without class lists: the fractions of the classes in train, val and test."""
+    split_seed: int = 0
+    """Folder only, without class lists: the seed of the classes' shuffle before the cut."""
     train_split: str = "train"
     val_split: str = "val"
     ways: int = 5
@@ -186,7 +197,7 @@ SECTIONS: dict[str, type] = {
 
 MODEL_DERIVED: dict[str, str] = {
     "image_size": "data.image_size",
-    "in_channels": "data.dataset",
+    "in_channels": "data.channels",
     "head_ways": "data.ways",
     "normalize": "data.normalize",
 }
@@ -215,6 +226,8 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.image_size": _at_least(1),
+    "data.channels": ((lambda v: v in (1, 3)), "must be 1 (grey) or 3 (RGB)"),
+    "data.split_seed": _seed(),
     "data.ways": _at_least(2),
     "data.shots": _at_least(1),
     "data.query": _at_least(1),
@@ -438,12 +451,15 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
                 f"splits are {', '.join(dataset['splits'])}"
             )
     _check_alphabets(data, parts["eval"])
+    _check_folder(data)
     if data.image_size is None:
         data = dataclasses.replace(data, image_size=dataset["image_size"])
+    if data.channels is None:
+        data = dataclasses.replace(data, channels=dataset["channels"])
     model = dataclasses.replace(
         parts["model"],
         image_size=data.image_size,
-        in_channels=dataset["channels"],
+        in_channels=data.channels,
         head_ways=data.ways,
         normalize=data.normalize,
     )
@@ -632,6 +648,35 @@ def trajectory_differences(old: RunConfig, new: RunConfig) -> list[str]:
         for key in before
         if before[key] != after[key]
     ]
+
+
+def _check_folder(data: DataConfig) -> None:
+    """The settings only an image folder has, and the folder's required root."""
+    if data.dataset != "folder":
+        chosen = [
+            f"data.{key}"
+            for key in ("class_lists", "split_fractions", "split_seed")
+            if getattr(data, key) != getattr(DataConfig, key)
+        ]
+        if data.channels not in (None, DATASETS[data.dataset]["channels"]):
+            chosen.append("data.channels")
+        if chosen:
+            raise ConfigError(
+                f'{chosen[0]} is about image folders (data.dataset = "folder"); remove it for '
+                f"{data.dataset}"
+            )
+        return
+    if not data.root:
+        raise ConfigError(
+            "data.root must name the image folder (one subfolder of images per class) when "
+            'data.dataset = "folder"'
+        )
+    fractions = data.split_fractions
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(
+            f"data.split_fractions = {list(fractions)} must be three non-negative fractions of "
+            f"the classes (train, val, test) summing to 1"
+        )
 
 
 def episodes_fitting(what: str, split: str, make: Callable[[], _Source]) -> _Source:

@@ -88,6 +88,74 @@ def _functional_modules(
     )
 
 
+def _adapted(
+    modules: _Modules,
+    learner: FiLMLearner,
+    adapt: AdaptSpec,
+    onehot: Tensor,
+    start_block: int,
+    differentiate: Differentiate,
+    support_x: Tensor,
+    support_y: Tensor,
+) -> tuple[Deviations, Deviations]:
+    """A task's deviations as the encoder predicts them from the support set, and after the inner
+    loop on the support loss."""
+
+    def embed(x: Tensor, film: Deviations | None) -> Tensor:
+        return modules.backbone(x, film, start_block=start_block)
+
+    if modules.encoder is None:
+        predicted = identity(learner.site_channels, learner.used_sites, like=support_x)
+    else:
+        predicted = modules.encoder(task_representation(embed(support_x, None), onehot))
+
+    def support_loss(deviations: Deviations) -> Tensor:
+        features = embed(support_x, deviations)
+        return F.cross_entropy(modules.head(features, onehot, features), support_y)
+
+    adapted = adapt_deviations(
+        predicted,
+        support_loss,
+        inner_steps=adapt.inner_steps,
+        inner_lr=adapt.inner_lr,
+        first_order=adapt.first_order,
+        film_l2=adapt.film_l2,
+        per_param_lr=learner.per_param_lr(modules.inner_lrs),
+        differentiate=differentiate,
+    )
+    return predicted, adapted
+
+
+def adapt_to_support(
+    learner: FiLMLearner, support_x: Tensor, support_y: Tensor, ways: int, adapt: AdaptSpec
+) -> Deviations:
+    """One task's adapted deviations, as evaluation computes them (eval mode, no outer graph):
+    ``support_x`` ``[N, C, H, W]`` images in the learner's dtype, ``support_y`` labels in
+    ``0..ways-1``, any number of images per class (each class at least one)."""
+    counts = torch.bincount(support_y, minlength=ways)
+    if len(counts) != ways or bool((counts == 0).any()):
+        raise ValueError(f"support labels must cover 0..{ways - 1}, each class at least once")
+    onehot = (support_y.unsqueeze(-1) == torch.arange(ways)).to(support_x.dtype)
+    first_order = replace(adapt, first_order=True)  # same values, no graph of the inner gradient
+    was_training = learner.training
+    learner.eval()
+    try:
+        with torch.no_grad():
+            _, adapted = _adapted(
+                _own_modules(learner),
+                learner,
+                first_order,
+                onehot,
+                0,
+                "autograd",
+                support_x,
+                support_y,
+            )
+    finally:
+        learner.train(was_training)
+    return adapted
+
+
 def _task(
     modules: _Modules,
     learner: FiLMLearner,
@@ -106,27 +174,8 @@ def _task(
     def embed(x: Tensor, film: Deviations | None) -> Tensor:
         return modules.backbone(x, film, start_block=start_block)
 
-    def logits(support_features: Tensor | None, query_features: Tensor) -> Tensor:
-        return modules.head(support_features, onehot, query_features)
-
-    if modules.encoder is None:
-        predicted = identity(learner.site_channels, learner.used_sites, like=support_x)
-    else:
-        predicted = modules.encoder(task_representation(embed(support_x, None), onehot))
-
-    def support_loss(deviations: Deviations) -> Tensor:
-        features = embed(support_x, deviations)
-        return F.cross_entropy(logits(features, features), support_y)
-
-    adapted = adapt_deviations(
-        predicted,
-        support_loss,
-        inner_steps=adapt.inner_steps,
-        inner_lr=adapt.inner_lr,
-        first_order=adapt.first_order,
-        film_l2=adapt.film_l2,
-        per_param_lr=learner.per_param_lr(modules.inner_lrs),
-        differentiate=differentiate,
+    predicted, adapted = _adapted(
+        modules, learner, adapt, onehot, start_block, differentiate, support_x, support_y
     )
     if learner.head.uses_support:
         features = embed(torch.cat([support_x, query_x]), adapted)

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from episodes.classes import ClassImages, channel_statistics
+from episodes.folder import load_folder
 from episodes.integrity import CacheError, ChecksumError, atomic_writer, resolve_cache_dir
 from episodes.lake import load_lake_runs
 from episodes.miniimagenet import load_miniimagenet
@@ -161,6 +162,17 @@ def load_split(
         if data.dataset == "omniglot":
             return load_omniglot(
                 root, split, image_size=data.image_size, cache_dir=cache_dir, alphabets=alphabets
+            )
+        if data.dataset == "folder":
+            return load_folder(
+                data.root,
+                split,
+                image_size=data.image_size,
+                channels=data.channels,
+                class_lists=data.class_lists or None,
+                fractions=data.split_fractions,
+                seed=data.split_seed,
+                cache_dir=cache_dir,
             )
         return load_miniimagenet(
             root, split, format=data.format, image_size=data.image_size, cache_dir=cache_dir
@@ -1022,6 +1034,12 @@ def _load_evaluation(
     # evaluate_exact runs a float32 copy and redoes in float64 only the near-tied tasks.
     learner.double()
     return _Evaluation(checkpoint, config, learner, payload["step"], checkpoint_sha256(checkpoint))
+
+
+def load_trained(checkpoint: Path) -> _Evaluation:
+    """A training checkpoint ready to use: its config, its learner (float64, the batch norm of
+    its [eval] section), its test-time inner loop (``adapt()``), its step and sha256."""
+    return _load_evaluation(checkpoint, None, None)
 
 
 def _with_progress(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -65,31 +66,31 @@ def export_onnx(task: TaskModel, path: str | os.PathLike[str]) -> Path:
     example = torch.zeros(1, *task.image_shape)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with torch.no_grad():
-        torch.onnx.export(
-            network,
-            (example,),
-            str(temporary),
-            input_names=["images"],
-            output_names=["logits", "probabilities"],
-            dynamic_shapes=({0: torch.export.Dim("images")},),
-            opset_version=ONNX_OPSET,
-            dynamo=True,
-            verbose=False,
-        )
-    model = onnx.load(str(temporary))
-    channels, size, _ = task.image_shape
-    for key, value in (
-        ("class_names", json.dumps(list(task.class_names))),
-        (
-            "preprocessing",
-            json.dumps({"channels": channels, "image_size": size, "pixels": "[0, 1]"}),
-        ),
-        ("checkpoint_sha256", task.checkpoint_sha256),
-    ):
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(model, str(temporary))
-    os.replace(temporary, path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # the exporter's side files
+        exported = Path(scratch) / "task.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                network,
+                (example,),
+                str(exported),
+                input_names=["images"],
+                output_names=["logits", "probabilities"],
+                dynamic_shapes=({0: torch.export.Dim("images")},),
+                opset_version=ONNX_OPSET,
+                dynamo=True,
+                verbose=False,
+            )
+        model = onnx.load(str(exported))  # weights and all, saved below as one file
+        channels, size, _ = task.image_shape
+        preprocessing = {"channels": channels, "image_size": size, "pixels": "[0, 1]"}
+        for key, value in (
+            ("class_names", json.dumps(list(task.class_names))),
+            ("preprocessing", json.dumps(preprocessing)),
+            ("checkpoint_sha256", task.checkpoint_sha256),
+        ):
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        whole = Path(scratch) / "whole.onnx"
+        onnx.save(model, str(whole), save_as_external_data=False)
+        os.replace(whole, path)
     return path

@@ -7,6 +7,7 @@ Folders are built from the real data: Omniglot characters written as PNG files o
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -22,52 +23,23 @@ from metafilm.learner import FiLMLearner
 from metafilm.specs import AdaptSpec, ModelSpec
 from metafilm.task_model import TaskModel, TaskModelError, adapt_task
 
-SIZES = (28, 40, 57)
-"""The side lengths the Omniglot PNGs are written at (the loader resizes them all to 28)."""
 
-
-def _write_omniglot_folder(classes, folder: Path, names: list[str], images: int) -> None:
-    for name in names:
-        k = classes.names.index(name)
-        start = int(classes.offsets[k])
-        alphabet, character = name.split("/")[:2]
-        target = folder / alphabet / character
-        target.mkdir(parents=True, exist_ok=True)
-        for i in range(images):
-            pixels = classes.images[start + i, 0].numpy()
-            size = SIZES[i % len(SIZES)]
-            Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC).save(
-                target / f"{i:02d}.png"
-            )
+def _example_folders():
+    """scripts/example_folders.py, the README example's own folder builder."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "example_folders.py"
+    spec = importlib.util.spec_from_file_location("example_folders", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
-def omniglot_folders(omniglot_split, tmp_path_factory) -> dict[str, Path]:
-    """A training folder of 40 background characters (20 images each, with a notes file and a
-    hidden file to skip), and a support and a query folder of 5 evaluation characters: 1 to 3
-    support images per class (unequal), 5 query images each."""
-    root = tmp_path_factory.mktemp("own-images")
-    background = omniglot_split("background")
-    names = [n for n in background.names if n.endswith("rot000")][::12][:40]
-    train = root / "train"
-    _write_omniglot_folder(background, train, names, 20)
-    (train / "notes.txt").write_text("not an image")
-    (train / ".DS_Store").write_bytes(b"\0")
-    evaluation = omniglot_split("evaluation")
-    held_out = [n for n in evaluation.names if n.endswith("rot000")][::40][:5]
-    everything = root / "held-out"
-    _write_omniglot_folder(evaluation, everything, held_out, 8)
-    support, query = root / "support", root / "query"
-    for i, class_folder in enumerate(sorted(p for p in everything.glob("*/*"))):
-        name = f"{class_folder.parent.name}-{class_folder.name}"
-        files = sorted(class_folder.iterdir())
-        (support / name).mkdir(parents=True)
-        for file in files[: 1 + i % 3]:
-            (support / name / file.name).write_bytes(file.read_bytes())
-        for file in files[3:]:
-            (query / name).mkdir(parents=True, exist_ok=True)
-            (query / name / file.name).write_bytes(file.read_bytes())
-    return {"train": train, "support": support, "query": query, "root": root}
+def omniglot_folders(data_root, omniglot_cache_dir, tmp_path_factory) -> dict[str, Path]:
+    """The README example's folders: 40 training characters (with a notes file and a hidden
+    file to skip), and a support and a query folder of 5 evaluation characters (1 to 3 support
+    images per class, 5 query images each)."""
+    out = tmp_path_factory.mktemp("own-images")
+    return _example_folders().write_example_folders(out, data_root, omniglot_cache_dir)
 
 
 CONFIG = """
@@ -224,6 +196,7 @@ def test_predict_adapt_task_model_and_onnx_export_agree(
     onnxruntime = pytest.importorskip("onnxruntime")
     network = tmp_path / "task.onnx"
     assert main(["export", str(task_file), "--onnx", str(network)]) == 0
+    assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob("*.tmp"))  # one file
     task = TaskModel.load(task_file)
     files = sorted(query.rglob("*.png"))
     images = torch.from_numpy(np.stack([load_image(f, 28, 1) for f in files]))

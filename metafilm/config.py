@@ -452,6 +452,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
             )
     _check_alphabets(data, parts["eval"])
     _check_folder(data)
+    _check_backbone(parts["model"])
     if data.image_size is None:
         data = dataclasses.replace(data, image_size=dataset["image_size"])
     if data.channels is None:
@@ -648,6 +649,29 @@ def trajectory_differences(old: RunConfig, new: RunConfig) -> list[str]:
         for key in before
         if before[key] != after[key]
     ]
+
+
+BUILT_IN_BACKBONES = ("conv4", "resnet12")
+
+
+def _check_backbone(model: ModelSpec) -> None:
+    """A built-in backbone's name or a user's ``package.module:factory``; weights only for the
+    latter."""
+    if model.backbone in BUILT_IN_BACKBONES:
+        if model.weights:
+            raise ConfigError(
+                f"model.weights loads a state dict into a user's network "
+                f'(model.backbone = "package.module:factory"); for {model.backbone} use '
+                f"pretrain.backbone"
+            )
+        return
+    module, colon, factory = model.backbone.partition(":")
+    if not (colon and module and factory):
+        raise ConfigError(
+            f"model.backbone = {_show(model.backbone)} is neither "
+            f"{' nor '.join(BUILT_IN_BACKBONES)} nor a network's factory written "
+            f'"package.module:factory"'
+        )
 
 
 def _check_folder(data: DataConfig) -> None:

@@ -35,6 +35,11 @@ class FoldedTask(nn.Module):
         with torch.no_grad():
             for site, (dgamma, dbeta) in task.deviations.items():
                 norm = self.backbone.norm_of(site)
+                if getattr(norm, "weight", None) is None or getattr(norm, "bias", None) is None:
+                    raise TaskModelError(
+                        f"FiLM site {site!r} follows a layer without an affine weight and bias "
+                        f"to fold it into: such a task cannot be exported"
+                    )
                 weight, bias = fold_into_affine(norm.weight, norm.bias, dgamma, dbeta)
                 norm.weight.copy_(weight)
                 norm.bias.copy_(bias)

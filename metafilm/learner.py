@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from metafilm.backbones import build_backbone
+from metafilm.any_backbone import load_module_backbone
+from metafilm.backbones import Backbone, build_backbone
 from metafilm.encoder import TaskEncoder, deviations_from_flat
 from metafilm.film import Deviations, resolve_sites
 from metafilm.heads import build_head
@@ -45,11 +46,15 @@ class FiLMLearner(nn.Module):
                 f"backbone_mode must be one of {BACKBONE_MODES}; got {model.backbone_mode!r}"
             )
         self.model_spec = model
-        # channels_last: on CPU, max-pooling and convolutions run ~1.5x faster per meta-step in
-        # that layout (docs/benchmarks.md); the values are the same up to float reordering.
-        self.backbone = (build_backbone(model) if backbone is None else backbone).to(
-            memory_format=torch.channels_last
-        )
+        if backbone is None:
+            backbone = _backbone_of(model)
+        if isinstance(backbone, Backbone):
+            # channels_last: on CPU, max-pooling and convolutions run ~1.5x faster per meta-step
+            # in that layout (docs/benchmarks.md); the values are the same up to float
+            # reordering. A user's network keeps its own layout (torch 2.13's oneDNN crashes in
+            # backward on channels_last convolutions of 2 to 6 input channels on one thread).
+            backbone = backbone.to(memory_format=torch.channels_last)
+        self.backbone = backbone
         self.used_sites: tuple[str, ...] = resolve_sites(model.film_sites, self.backbone.sites)
         if not self.used_sites:
             raise ValueError(
@@ -106,3 +111,24 @@ class FiLMLearner(nn.Module):
     def per_param_lr(self, inner_lrs: Tensor | None) -> Deviations | None:
         """The Meta-SGD learning rates as deviations (``None`` without ``learn_inner_lr``)."""
         return None if inner_lrs is None else deviations_from_flat(inner_lrs, self.site_channels)
+
+
+def _backbone_of(model: ModelSpec) -> nn.Module:
+    """The backbone ``model`` names: a built-in one, or a user's network whose batch-norm mode
+    must be the one ``model`` states."""
+    if ":" not in model.backbone:
+        return build_backbone(model)
+    backbone = load_module_backbone(
+        model.backbone,
+        model.weights or None,
+        in_channels=model.in_channels,
+        image_size=model.image_size,
+        normalize=model.normalize,
+    )
+    if backbone.bn_mode != model.bn_mode:
+        raise ValueError(
+            f"{model.backbone}'s batch norms are in {backbone.bn_mode!r} mode (running statistics "
+            f"{'kept' if backbone.bn_mode == 'running' else 'not kept'}): set model.bn_mode = "
+            f'"{backbone.bn_mode}"'
+        )
+    return backbone

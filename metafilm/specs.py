@@ -17,7 +17,13 @@ as MAML and CAVIA). `running`: batch statistics in training, running statistics 
 class ModelSpec:
     """The network: backbone, where FiLM acts, how a task's starting deviations are predicted."""
 
-    backbone: Literal["conv4", "resnet12"] = "conv4"
+    backbone: str = "conv4"
+    """``"conv4"``, ``"resnet12"``, or a user's network, ``"package.module:factory"`` (the factory
+    called with no arguments returns the ``nn.Module``; FiLM acts at its normalisation layers,
+    :mod:`metafilm.any_backbone`)."""
+    weights: str = ""
+    """A user's network only: a state-dict file loaded into it (``torch.load(weights_only=True)``)
+    before training; empty: the factory's own initial weights."""
     width: int = 64
     in_channels: int = 1
     image_size: int = 28

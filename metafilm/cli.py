@@ -4,6 +4,8 @@ Exit status 0 on success, 1 with a one-line `metafilm: error: ...` for anything 
 files or data can cause (no traceback), 2 for a malformed command line, 130 when interrupted
 (Ctrl-C) and 143 when terminated (SIGTERM), each with a line saying what is kept and how to go
 on. Genuine bugs still show their traceback.
+
+One job, the command line; most of its length is the help text of every command and option.
 """
 
 from __future__ import annotations
@@ -21,27 +23,16 @@ from typing import Any
 from tqdm import tqdm
 
 from episodes import CacheError, ChecksumError, DownloadError, load_omniglot
-from metafilm.checkpoint import CheckpointError, load_checkpoint
-from metafilm.config import ConfigError, load_config
+from metafilm.checkpoint import load_checkpoint
+from metafilm.config import load_config
 from metafilm.distributed import process_group
-from metafilm.report import (
-    LAST,
-    ReportError,
-    accuracy_summary,
-    episode_classes,
-    paired_line,
-    write_report,
-)
+from metafilm.errors import USER_ERRORS, CheckpointError, ConfigError, DataError, ReportError
+from metafilm.evaluation import evaluate_checkpoint, evaluate_lake
+from metafilm.report import episode_classes, paired_line, write_report
+from metafilm.rundir import LAST, REPORT_DIR, resolve_checkpoint
+from metafilm.stats import accuracy_summary
 from metafilm.sweep import Arm, run_sweep
-from metafilm.train import (
-    USER_ERRORS,
-    DataError,
-    evaluate_checkpoint,
-    evaluate_lake,
-    pretrain_run,
-    resolve_checkpoint,
-    train,
-)
+from metafilm.train import pretrain_run, train
 
 RUNS_DIR = Path("runs")
 
@@ -410,7 +401,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 def _run_report(args: argparse.Namespace) -> None:
     if args.out is None and len(args.runs) > 1:
         raise ReportError("a report of several runs needs --out DIR")
-    out = args.out or args.runs[0] / "report"
+    out = args.out or args.runs[0] / REPORT_DIR
     pairs: list[str] = []
     replacing = (out / "report.md").is_file()
     written = write_report(
@@ -530,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = None
     try:
         COMMANDS[args.command](args)
-    except (*USER_ERRORS, ReportError) as error:
+    except USER_ERRORS as error:
         print(f"metafilm: error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # a path that cannot be read or written: the user's to fix

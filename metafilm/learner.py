@@ -33,7 +33,7 @@ class FiLMLearner(nn.Module):
 
     ``backbone`` replaces the one ``model`` describes; it must follow the
     :class:`metafilm.backbones.Backbone` contract (``sites``, ``site_channels``, ``block_of``,
-    ``feature_dim``, ``bn_mode``, ``forward(x, film, start_block=)``, ``prefix``).
+    ``feature_dim``, ``bn_mode``, ``forward(x, film, start_block=, vmapped=)``, ``prefix``).
     """
 
     def __init__(

@@ -1,11 +1,28 @@
 """Meta-learning maths over a :class:`~metafilm.learner.FiLMLearner`: one task, a meta-batch, an
-outer step, an evaluation, and the inputs they read.
+outer step, an evaluation, and the inputs they read. One job in about 570 lines: the maths of
+meta-learning around the one per-task computation (``_task``) that training and evaluation share.
+
+The outer objective, in one place. One outer step (:func:`meta_step`) on a meta-batch of ``T``
+tasks minimises::
+
+    L = 1/T sum_t [ CE(query_t | adapted_t) + outer.film_l2 * |adapted_t|^2 ]     (meta_backward)
+      + outer.postmult_l2 * |encoder.postmult|^2                                  (meta_step)
+      + auxiliary.weight * CE(classifier(backbone(aux images)), aux labels)       (meta_step)
+      + Adam weight decay outer.encoder_weight_decay on the encoder's predictor   (make_optimizer)
+
+with ``adapted_t`` the deviations after the inner loop (:func:`metafilm.inner.inner_loop`), which
+takes ``adapt.inner_steps`` SGD steps on ``CE(support_t) + adapt.film_l2 * |deviations|^2`` from
+the encoder's prediction; ``|d|^2`` is :func:`metafilm.film.l2_to_identity`, the squared distance
+from identity FiLM. The auxiliary term is TADAM's co-training (``outer.aux_weight``, decayed by
+``outer.aux_decay`` every ``outer.aux_decay_every`` steps: :func:`auxiliary_weight`); the weight
+decay acts on the encoder's ``net`` alone (not its post-multipliers, nor anything else). The
+meta-gradient is clipped to norm ``outer.grad_clip`` before the update.
 
 One task (:func:`task_loss`), with the learner's parameters passed explicitly (``functional_call``):
 
 1. starting deviations: the task encoder on the *unmodulated* support features, or identity;
-2. :func:`metafilm.inner.adapt` on the support loss of the head, the prototypes rebuilt from the
-   modulated support features at every step;
+2. :func:`metafilm.inner.inner_loop` on the support loss of the head, the prototypes rebuilt from
+   the modulated support features at every step;
 3. query loss and accuracy with the adapted deviations. Support and query go through the network
    in one pass (as Prototypical Networks do), so the prototypes and the queries see the same
    batch-norm statistics in episode mode. The linear head reads no support features: the query
@@ -16,7 +33,8 @@ step, and one pass over support and query; the inner loop differentiates only th
 
 A meta-batch (:func:`meta_backward`) is either a per-task ``loop`` that back-propagates each task as
 soon as it is computed (memory of one task at a time; the faster strategy on CPU), or one ``vmap``
-over the tasks (``torch.func.grad`` inside; needs batch norm that updates no running statistics).
+over the tasks (``torch.func.grad`` inside; needs batch norm that updates no running statistics),
+which tells the backbone so (``vmapped=True``: FiLM is then applied after batch norm).
 """
 
 from __future__ import annotations
@@ -39,8 +57,7 @@ from episodes.classes import ClassImages, to_pixels
 from episodes.sampler import Episode, IndexEpisode, Task, gather
 from metafilm.encoder import task_representation
 from metafilm.film import Deviations, deviation_size, identity, l2_to_identity
-from metafilm.inner import Differentiate
-from metafilm.inner import adapt as adapt_deviations
+from metafilm.inner import Differentiate, inner_loop
 from metafilm.interop import as_episode
 from metafilm.learner import FiLMLearner
 from metafilm.specs import AdaptSpec, OuterSpec
@@ -95,6 +112,7 @@ def _task(
     ways: int,
     start_block: int,
     differentiate: Differentiate,
+    vmapped: bool,
     support_x: Tensor,
     support_y: Tensor,
     query_x: Tensor,
@@ -104,7 +122,7 @@ def _task(
     onehot = (support_y.unsqueeze(-1) == torch.arange(ways)).to(support_x.dtype)
 
     def embed(x: Tensor, film: Deviations | None) -> Tensor:
-        return modules.backbone(x, film, start_block=start_block)
+        return modules.backbone(x, film, start_block=start_block, vmapped=vmapped)
 
     def logits(support_features: Tensor | None, query_features: Tensor) -> Tensor:
         return modules.head(support_features, onehot, query_features)
@@ -118,7 +136,7 @@ def _task(
         features = embed(support_x, deviations)
         return F.cross_entropy(logits(features, features), support_y)
 
-    adapted = adapt_deviations(
+    adapted = inner_loop(
         predicted,
         support_loss,
         inner_steps=adapt.inner_steps,
@@ -157,6 +175,7 @@ def task_loss(
     *,
     start_block: int = 0,
     differentiate: Differentiate = "autograd",
+    vmapped: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One task's query loss after adaptation, and its metrics.
 
@@ -166,7 +185,8 @@ def task_loss(
     largest logits, over the head's ``logit_magnitude``: how near the task's closest decision is
     to a tie, see :func:`evaluate_exact`), ``film_predicted/<site>`` and ``film_adapted/<site>``
     (RMS size of the starting and adapted deviations). ``start_block > 0`` means the inputs are
-    ``backbone.prefix(images, start_block)`` features.
+    ``backbone.prefix(images, start_block)`` features. Under ``torch.func.vmap``, pass
+    ``differentiate="func"`` and ``vmapped=True``.
     """
     return _task(
         _functional_modules(learner, params, buffers),
@@ -175,6 +195,7 @@ def task_loss(
         task.ways,
         start_block,
         differentiate,
+        vmapped,
         task.support_x,
         task.support_y,
         task.query_x,
@@ -198,6 +219,7 @@ def _task_of(
         episode.ways,
         start_block,
         "autograd",
+        False,
         episode.support_x[i],
         episode.support_y[i],
         episode.query_x[i],
@@ -209,7 +231,7 @@ def _all_tasks_vmapped(
     modules: _Modules, learner: FiLMLearner, adapt: AdaptSpec, episode: Episode, start_block: int
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Every task of ``episode`` in one ``vmap`` (``torch.func.grad`` inner loop)."""
-    one_task = partial(_task, modules, learner, adapt, episode.ways, start_block, "func")
+    one_task = partial(_task, modules, learner, adapt, episode.ways, start_block, "func", True)
     return torch.func.vmap(one_task)(
         episode.support_x, episode.support_y, episode.query_x, episode.query_y
     )
@@ -235,8 +257,9 @@ def meta_backward(
     start_block: int | None = None,
 ) -> dict[str, Tensor]:
     """Add to every parameter's ``.grad`` the meta-gradient of
-    ``mean over tasks (query loss + film_l2 * |adapted deviations|^2)``; return per-task metrics
-    ``[tasks]`` (detached), ``loss`` included.
+    ``mean over tasks (query loss + film_l2 * |adapted deviations|^2)`` (the first line of the
+    outer objective, see the module docstring); return per-task metrics ``[tasks]`` (detached),
+    ``loss`` included.
 
     ``loop`` back-propagates each task as soon as it is computed (the memory of one task);
     ``vmap`` computes all tasks at once (far fewer, larger operations: faster when the per-task
@@ -264,8 +287,8 @@ def meta_backward(
 
 def make_optimizer(learner: FiLMLearner, outer: OuterSpec) -> torch.optim.Adam:
     """Adam over the trainable parameters; the encoder weight decay acts on the encoder's
-    predictor only (its post-multipliers have their own L2 in the loss). A frozen backbone is
-    left out."""
+    predictor only (its post-multipliers have their own L2 in the loss: the outer objective of the
+    module docstring). A frozen backbone is left out."""
     decayed = [] if learner.encoder is None else list(learner.encoder.net.parameters())
     decayed_ids = {id(p) for p in decayed}
     rest = [p for p in learner.parameters() if p.requires_grad and id(p) not in decayed_ids]
@@ -322,10 +345,8 @@ def meta_step(
 ) -> dict[str, float]:
     """One outer update on a meta-batch; returns its training metrics.
 
-    Minimises the mean query loss after adaptation + ``outer.film_l2`` * squared size of the
-    adapted deviations + ``outer.postmult_l2`` * squared post-multipliers (the encoder weight decay
-    lives in the optimiser) + ``auxiliary.weight`` * the auxiliary classification loss (TADAM's
-    co-training, when given; its classifier must be in ``optimizer``), with the gradient norm
+    Minimises the outer objective of the module docstring (the auxiliary term when
+    ``auxiliary`` is given; its classifier must be in ``optimizer``), with the gradient norm
     clipped to ``outer.grad_clip``. Metrics (``aux_loss`` with ``auxiliary``):
     ``loss`` (query loss), ``accuracy``, ``grad_norm`` (before clipping) and per site
     ``film_predicted/<site>``, ``film_adapted/<site>`` (RMS deviation sizes, averaged over tasks).

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from episodes.sampler import FixedEpisodes
+from metafilm.assemble import fixed_batches, load_split
+from metafilm.evaluation import _load
 from metafilm.meta import FLOAT32_LOGIT_ERROR, evaluate, evaluate_exact, input_builder
-from metafilm.train import _load_evaluation, fixed_batches, load_split
 
 
 def logit_errors(learner, batches, adapt) -> list[float]:
@@ -68,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     for checkpoint in args.checkpoints:
-        loaded = _load_evaluation(checkpoint, {"episodes": args.episodes}, None)
+        loaded = _load(checkpoint, {"episodes": args.episodes}, None)
         config, settings = loaded.config, loaded.config.eval
         classes = load_split(config.data, settings.split, settings.alphabets)
         build = input_builder(loaded.learner, classes)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from episodes.sampler import FixedEpisodes
+from metafilm.assemble import build_learner, load_split
 from metafilm.checkpoint import load_checkpoint
 from metafilm.config import ConfigError, config_from_dict, load_config
 from metafilm.distributed import (
@@ -33,7 +34,7 @@ from metafilm.distributed import (
     timeout_from_env,
 )
 from metafilm.meta import input_builder
-from metafilm.train import build_learner, load_split, train, validate
+from metafilm.train import train, validate
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.toml"

@@ -27,27 +27,25 @@ that :class:`metafilm.learner.FiLMLearner` and :mod:`metafilm.meta` rely on:
 - **feature_dim** comes from one no-grad forward of two zero images at construction, in eval mode
   (so that no running statistics move), which also finds the layers the forward calls.
 
-:func:`load_module_backbone` builds one from ``"package.module:factory"`` and a state-dict file;
-:func:`adapted_parameters` counts what FiLM adapts per task against the backbone's size.
+:func:`metafilm.network_loader.load_module_backbone` builds one from ``"package.module:factory"``
+and a state-dict file; :func:`adapted_parameters` counts what FiLM adapts per task against the
+backbone's size.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from metafilm.backbones import INPUT_MEAN, INPUT_STD, Film, _inside_vmap
+from metafilm.backbones import INPUT_MEAN, INPUT_STD, Film
 from metafilm.film import modulate, resolve_sites
 from metafilm.specs import BatchNormMode
 
@@ -130,15 +128,23 @@ class ModuleBackbone(nn.Module):
             self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
             self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype))
 
-    def forward(self, x: Tensor, film: Film | None = None, *, start_block: int = 0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        film: Film | None = None,
+        *,
+        start_block: int = 0,
+        vmapped: bool = False,
+    ) -> Tensor:
         """Features ``[N, feature_dim]`` of images ``x`` with FiLM ``{site: (dgamma, dbeta)}``;
-        sites missing from ``film`` are identity. ``start_block`` must be 0."""
+        sites missing from ``film`` are identity. ``start_block`` must be 0; ``vmapped`` says that
+        the caller runs this under ``vmap`` (``metafilm.meta`` knows when it does)."""
         film = {} if film is None else film
         self._check_input(x, start_block)
         unknown = [site for site in film if site not in self.site_channels]
         if unknown:
             raise ValueError(f"unknown FiLM sites {unknown}; this backbone has {list(self.sites)}")
-        if _inside_vmap() and _updates_running_statistics(self.module):
+        if vmapped and _updates_running_statistics(self.module):
             raise RuntimeError(
                 "this module's batch norm updates its running statistics in training and cannot "
                 "do so under vmap: use the 'loop' meta-batch strategy, a frozen backbone, or "
@@ -241,125 +247,6 @@ def _updates_running_statistics(module: nn.Module) -> bool:
         isinstance(m, BATCH_NORMS) and m.track_running_stats and m.training
         for m in module.modules()
     )
-
-
-def load_module_backbone(
-    spec: str,
-    weights: str | Path | None = None,
-    *,
-    in_channels: int,
-    image_size: int,
-    normalize: bool = False,
-) -> ModuleBackbone:
-    """The :class:`ModuleBackbone` of the network ``factory()`` returns, for ``spec``
-    ``"package.module:factory"``, with the state dict in ``weights`` (loaded with
-    ``weights_only=True``: a file cannot run code) if given.
-
-    Every problem (no such module or attribute, a factory returning no ``nn.Module``, an
-    unreadable weights file, keys or shapes that do not fit) is a one-line ``ValueError`` naming
-    the spec or the file.
-    """
-    module = build_module(spec)
-    if weights is not None:
-        load_weights(module, Path(weights), spec)
-    return ModuleBackbone(
-        module, in_channels=in_channels, image_size=image_size, normalize=normalize
-    )
-
-
-def build_module(spec: str) -> nn.Module:
-    """``factory()`` of ``spec`` ``"package.module:factory"``, checked to be an ``nn.Module``."""
-    module_name, colon, attribute = spec.partition(":")
-    if not colon or not module_name or not attribute or ":" in attribute:
-        raise ValueError(
-            f"backbone {spec!r} must name a factory as 'package.module:factory' (a callable that "
-            "takes no arguments and returns the nn.Module)"
-        )
-    try:
-        python_module = importlib.import_module(module_name)
-    except ImportError as error:
-        missing = getattr(error, "name", None)
-        if missing is not None and (module_name + ".").startswith(missing + "."):
-            raise ValueError(
-                f"backbone {spec!r}: there is no Python module {missing!r} (is it installed, or "
-                "its folder on PYTHONPATH?)"
-            ) from None
-        raise ValueError(f"backbone {spec!r}: importing {module_name!r} failed: {error}") from None
-    factory = getattr(python_module, attribute, None)
-    if factory is None:
-        raise ValueError(f"backbone {spec!r}: module {module_name!r} has no {attribute!r}")
-    if not callable(factory):
-        raise ValueError(
-            f"backbone {spec!r}: {attribute!r} is a {type(factory).__name__}, not a callable "
-            "factory"
-        )
-    try:
-        signature = inspect.signature(factory)
-    except ValueError:  # no signature to read (some builtins): just call it
-        signature = None
-    if signature is not None:
-        try:
-            signature.bind()
-        except TypeError:
-            names = ", ".join(signature.parameters)
-            raise ValueError(
-                f"backbone {spec!r}: {attribute} takes arguments ({names}) and metafilm calls it "
-                "with none: name a function that builds the network alone"
-            ) from None
-    module = factory()
-    if not isinstance(module, nn.Module):
-        raise ValueError(
-            f"backbone {spec!r}: {attribute}() returned a {type(module).__name__}, not a "
-            "torch.nn.Module"
-        )
-    return module
-
-
-def load_weights(module: nn.Module, path: Path, spec: str) -> None:
-    """Load the state dict saved in ``path`` into ``module`` (built from ``spec``), refusing keys
-    or shapes that do not match exactly, each with a one-line ``ValueError``."""
-    if not path.is_file():
-        raise ValueError(f"weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling raises many types; all mean the same here
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"weights file {path} cannot be read as tensors (weights_only=True): {reason}. "
-            "Save the network's state dict: torch.save(module.state_dict(), path)"
-        ) from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        held = list(state)[:5] if isinstance(state, Mapping) else type(state).__name__
-        raise ValueError(
-            f"weights file {path} holds no state dict of tensors (found {held}): save "
-            "module.state_dict() alone, e.g. a checkpoint's model entry"
-        )
-    expected = module.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    if missing or unexpected:
-        raise ValueError(
-            f"weights file {path} does not fit {spec!r}: missing keys {_few(missing)}, "
-            f"unexpected keys {_few(unexpected)}. Save the state_dict() of the network that "
-            f"{spec!r} builds"
-        )
-    wrong = [
-        f"{key} {tuple(state[key].shape)} for {tuple(value.shape)}"
-        for key, value in expected.items()
-        if state[key].shape != value.shape
-    ]
-    if wrong:
-        raise ValueError(
-            f"weights file {path} does not fit {spec!r}: shapes differ at {_few(wrong)}. Save the "
-            f"state_dict() of the network that {spec!r} builds"
-        )
-    module.load_state_dict(state)
-
-
-def _few(names: Sequence[str], shown: int = 3) -> str:
-    """Up to ``shown`` names and how many more, on one line."""
-    listed = ", ".join(names[:shown]) or "none"
-    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 @dataclass(frozen=True)

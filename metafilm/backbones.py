@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch._C._functorch import TransformType, get_interpreter_stack
 
 from metafilm.film import fold_into_affine, modulate
 from metafilm.specs import BatchNormMode, ModelSpec
@@ -38,12 +37,6 @@ INPUT_MEAN, INPUT_STD = "input_mean", "input_std"
 """The buffers of a backbone that standardises its inputs (``normalize=True``)."""
 
 Film = Mapping[str, tuple[Tensor, Tensor]]
-
-
-def _inside_vmap() -> bool:
-    """Whether the caller runs under ``torch.func.vmap`` (functorch keeps no public query)."""
-    stack = get_interpreter_stack()
-    return stack is not None and any(level.key() == TransformType.Vmap for level in stack)
 
 
 def _check_bn_mode(bn_mode: str) -> None:
@@ -73,36 +66,42 @@ class BatchNorm(nn.Module):
             self.register_buffer(mean, torch.zeros(channels))
             self.register_buffer(var, torch.ones(channels))
 
-    def forward(self, x: Tensor, film: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, film: tuple[Tensor, Tensor] | None = None, *, vmapped: bool = False
+    ) -> Tensor:
         """Normalise ``x``; ``film = (dgamma, dbeta)`` modulates the result.
 
         FiLM is folded into the affine weight and bias (the same function, ~10% faster per task
-        on CPU), except under ``vmap``: there batch norm with per-task affine parameters gives
-        second-order gradients off by ~1% (checked against a loop and finite differences), so
-        FiLM is applied after the layer instead.
+        on CPU), except when the caller runs this under ``torch.func.vmap`` and says so
+        (``vmapped``, as :mod:`metafilm.meta` does): there batch norm with per-task affine
+        parameters gives second-order gradients off by ~1% (checked against a loop and finite
+        differences), so FiLM is applied after the layer instead.
         """
-        if film is not None and _inside_vmap():
+        if film is not None and vmapped:
             return modulate(self(x), *film)
         weight, bias = self.weight, self.bias
         if film is not None:
             weight, bias = fold_into_affine(weight, bias, *film)
         if self.bn_mode == "episode":
             return F.batch_norm(x, None, None, weight, bias, training=True, eps=self.eps)
-        if self.training and _inside_vmap():
+        try:
+            return F.batch_norm(
+                x,
+                self.running_mean,
+                self.running_var,
+                weight,
+                bias,
+                training=self.training,
+                momentum=self.momentum,
+                eps=self.eps,
+            )
+        except RuntimeError as error:  # vmap refuses in-place updates of unbatched statistics
+            if not (self.training and "batched" in str(error)):
+                raise
             raise RuntimeError(
                 "batch norm in 'running' mode updates its running statistics in training and "
                 "cannot do so under vmap: use the 'loop' meta-batch strategy, or bn_mode='episode'"
-            )
-        return F.batch_norm(
-            x,
-            self.running_mean,
-            self.running_var,
-            weight,
-            bias,
-            training=self.training,
-            momentum=self.momentum,
-            eps=self.eps,
-        )
+            ) from error
 
 
 class Conv4Block(nn.Module):
@@ -120,8 +119,8 @@ class Conv4Block(nn.Module):
         """The batch norm whose output ``site`` modulates."""
         return self.bn
 
-    def forward(self, x: Tensor, film: Film) -> Tensor:
-        h = self.bn(self.conv(x), film.get(self.sites[0]))
+    def forward(self, x: Tensor, film: Film, vmapped: bool = False) -> Tensor:
+        h = self.bn(self.conv(x), film.get(self.sites[0]), vmapped=vmapped)
         return F.max_pool2d(F.relu(h), 2)
 
 
@@ -148,11 +147,11 @@ class ResNet12Block(nn.Module):
         """The batch norm whose output ``site`` modulates."""
         return getattr(self, site.rpartition(".")[2])
 
-    def forward(self, x: Tensor, film: Film) -> Tensor:
+    def forward(self, x: Tensor, film: Film, vmapped: bool = False) -> Tensor:
         site1, site2, site3 = self.sites
-        h = F.leaky_relu(self.bn1(self.conv1(x), film.get(site1)), LEAKY_SLOPE)
-        h = F.leaky_relu(self.bn2(self.conv2(h), film.get(site2)), LEAKY_SLOPE)
-        h = self.bn3(self.conv3(h), film.get(site3))
+        h = F.leaky_relu(self.bn1(self.conv1(x), film.get(site1), vmapped=vmapped), LEAKY_SLOPE)
+        h = F.leaky_relu(self.bn2(self.conv2(h), film.get(site2), vmapped=vmapped), LEAKY_SLOPE)
+        h = self.bn3(self.conv3(h), film.get(site3), vmapped=vmapped)
         h = h + self.shortcut_bn(self.shortcut_conv(x))
         return F.max_pool2d(F.leaky_relu(h, LEAKY_SLOPE), 2)
 
@@ -249,11 +248,20 @@ class Backbone(nn.Module, abc.ABC):
             x = block(x, {})
         return x
 
-    def forward(self, x: Tensor, film: Film | None = None, *, start_block: int = 0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        film: Film | None = None,
+        *,
+        start_block: int = 0,
+        vmapped: bool = False,
+    ) -> Tensor:
         """Embedding ``[N, feature_dim]`` of ``x`` with FiLM ``{site: (dgamma, dbeta)}``.
 
         Runs blocks ``start_block..`` on ``x``, which for ``start_block > 0`` is
-        ``prefix(images, start_block)``. Sites missing from ``film`` are identity.
+        ``prefix(images, start_block)``. Sites missing from ``film`` are identity. Pass
+        ``vmapped=True`` when calling it under ``torch.func.vmap`` with per-task FiLM (see
+        :class:`BatchNorm`).
         """
         film = {} if film is None else film
         self._check_block_index(start_block, "start_block")
@@ -262,7 +270,7 @@ class Backbone(nn.Module, abc.ABC):
         if start_block == 0:
             x = self._standardise(x)
         for block in self.blocks[start_block:]:
-            x = block(x, film)
+            x = block(x, film, vmapped)
         return self.embed(x)
 
     @abc.abstractmethod
@@ -382,4 +390,7 @@ def build_backbone(spec: ModelSpec) -> Backbone:
     if spec.backbone == "resnet12":
         widths = resnet12_widths(spec.width)
         return ResNet12(spec.in_channels, widths, spec.image_size, spec.bn_mode, spec.normalize)
-    raise ValueError(f"unknown backbone {spec.backbone!r}; choose 'conv4' or 'resnet12'")
+    raise ValueError(
+        f"unknown backbone {spec.backbone!r}; choose 'conv4' or 'resnet12', or build a user's "
+        "network with metafilm.network_loader.load_module_backbone and pass it as backbone="
+    )

@@ -26,13 +26,10 @@ import numpy as np
 import torch
 
 from episodes.integrity import atomic_writer, file_digests
+from metafilm.errors import CheckpointError
 
 MAGIC = b"METAFILM-CHECKPOINT-1\n"
 _DIGEST_LENGTH = 64
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, damaged, or not one this program wrote."""
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:

@@ -5,6 +5,8 @@ Exit status 0 on success, 1 with a one-line `metafilm: error: ...` for anything 
 files or data can cause (no traceback), 2 for a malformed command line, 130 when interrupted
 (Ctrl-C) and 143 when terminated (SIGTERM), each with a line saying what is kept and how to go
 on. Genuine bugs still show their traceback.
+
+One job, the command line; most of its length is the help text of every command and option.
 """
 
 from __future__ import annotations
@@ -22,9 +24,17 @@ from typing import Any
 from tqdm import tqdm
 
 from episodes import CacheError, ChecksumError, DownloadError, load_omniglot
-from metafilm.checkpoint import CheckpointError, load_checkpoint
-from metafilm.config import ConfigError, load_config
+from metafilm.checkpoint import load_checkpoint
+from metafilm.config import load_config
 from metafilm.distributed import process_group
+from metafilm.errors import (
+    USER_ERRORS,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ReportError,
+)
+from metafilm.evaluation import evaluate_checkpoint, evaluate_lake, load_trained
 from metafilm.export import export_onnx
 from metafilm.predict import (
     BATCH,
@@ -34,26 +44,12 @@ from metafilm.predict import (
     read_support,
     write_predictions,
 )
-from metafilm.report import (
-    LAST,
-    ReportError,
-    accuracy_summary,
-    episode_classes,
-    paired_line,
-    write_report,
-)
+from metafilm.report import episode_classes, paired_line, write_report
+from metafilm.rundir import LAST, REPORT_DIR, resolve_checkpoint
+from metafilm.stats import accuracy_summary
 from metafilm.sweep import Arm, run_sweep
-from metafilm.task_model import BATCH_NORM, TaskModel, TaskModelError, adapt_checkpoint
-from metafilm.train import (
-    USER_ERRORS,
-    DataError,
-    evaluate_checkpoint,
-    evaluate_lake,
-    load_trained,
-    pretrain_run,
-    resolve_checkpoint,
-    train,
-)
+from metafilm.task_model import BATCH_NORM, TaskModel, adapt_checkpoint
+from metafilm.train import pretrain_run, train
 
 RUNS_DIR = Path("runs")
 
@@ -83,6 +79,10 @@ class BarProgress:
                 refresh=False,
             )
         self.bar.update(done - self.bar.n)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -319,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
         "save the adapted task (FiLM deviations, prototypes, class names: kilobytes, loaded "
         "without running code) for metafilm predict --task and metafilm export.",
     )
-    adapt_parser.add_argument("source", type=Path, help="a run directory or a checkpoint file")
+    adapt_parser.add_argument(
+        "source", type=Path, metavar="RUN_DIR|CHECKPOINT", help="a run directory or a checkpoint"
+    )
     _add_support_arguments(adapt_parser)
     adapt_parser.add_argument(
         "--out", type=Path, required=True, metavar="TASK", help="the task file to write"
@@ -354,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a task model as one ONNX network (FiLM folded into the batch norms, "
         "the head and its prototypes included) that takes float images in [0, 1].",
     )
-    export_parser.add_argument("task", type=Path, help="a task model written by metafilm adapt")
+    export_parser.add_argument(
+        "task", type=Path, metavar="TASK", help="a task model written by metafilm adapt"
+    )
     export_parser.add_argument("--onnx", type=Path, required=True, metavar="FILE")
     export_parser.add_argument(
         "--checkpoint-file",
@@ -554,7 +558,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 def _run_report(args: argparse.Namespace) -> None:
     if args.out is None and len(args.runs) > 1:
         raise ReportError("a report of several runs needs --out DIR")
-    out = args.out or args.runs[0] / "report"
+    out = args.out or args.runs[0] / REPORT_DIR
     pairs: list[str] = []
     replacing = (out / "report.md").is_file()
     written = write_report(
@@ -682,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = None
     try:
         COMMANDS[args.command](args)
-    except (*USER_ERRORS, ReportError, TaskModelError) as error:
+    except USER_ERRORS as error:
         print(f"metafilm: error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # a path that cannot be read or written: the user's to fix

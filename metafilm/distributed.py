@@ -30,15 +30,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from metafilm.config import ConfigError
+from metafilm.errors import ConfigError, DistributedError
 
 TIMEOUT_VARIABLE = "METAFILM_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-class DistributedError(RuntimeError):
-    """A launch environment that cannot work, or processes that disagree on where they are."""
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from metafilm.errors import TaskModelError
 from metafilm.film import fold_into_affine
-from metafilm.task_model import TaskModel, TaskModelError
+from metafilm.task_model import TaskModel
 
 ONNX_OPSET = 18
 

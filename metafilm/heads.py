@@ -1,28 +1,35 @@
-"""Classifier heads on top of (FiLM-modulated) embeddings.
+"""Classifier heads on (FiLM-modulated) embeddings: one `Head` subclass each, registered by name.
 
-- ``prototype``: a linear layer built from the support prototypes ``c_k`` (Proto-MAML:
-  ``W_k = 2 c_k``, ``b_k = -|c_k|^2``, which ranks classes as the negative squared Euclidean
-  distance does, ``-|q - c_k|^2`` differing only by ``-|q|^2``, the same for every class), times a
-  learned metric scale (TADAM). It has no per-task weights: it is rebuilt from the support
-  features of whatever deviations are current, at every inner step and for the query.
-- ``cosine``: the same from L2-normalised features, cosine similarity times a learned scale
-  (Meta-Baseline); suits pretrained embeddings.
-- ``linear``: one head ``[head_ways, feature_dim]`` shared by all tasks and learned in the outer
-  loop (CAVIA); only the FiLM deviations adapt to a task.
+- ``prototype`` (:class:`PrototypeHead`): a linear layer built from the support prototypes ``c_k``
+  (Proto-MAML: ``W_k = 2 c_k``, ``b_k = -|c_k|^2``, which ranks classes as the negative squared
+  Euclidean distance does, ``-|q - c_k|^2`` differing only by ``-|q|^2``, the same for every
+  class), times a learned metric scale (TADAM). It has no per-task weights: it is rebuilt from the
+  support features of whatever deviations are current, at every inner step and for the query.
+- ``cosine`` (:class:`CosineHead`): the same from L2-normalised features, cosine similarity times a
+  learned scale (Meta-Baseline); suits pretrained embeddings.
+- ``linear`` (:class:`LinearHead`): one head ``[head_ways, feature_dim]`` shared by all tasks and
+  learned in the outer loop (CAVIA); only the FiLM deviations adapt to a task.
 
-Both take ``(support_features, support_onehot, query_features)`` and return query logits, so the
-meta code treats them alike; ``uses_support`` tells it whether the support features are read (the
-linear head takes ``None`` for them). ``logit_magnitude`` (same arguments) bounds the size of the
-terms each logit sums: the yardstick of its rounding error (``metafilm.meta.evaluate_exact``).
+Every head takes ``(support_features, support_onehot, query_features)`` and returns query logits,
+so the meta code treats them alike; ``uses_support`` tells it whether the support features are
+read (a head that reads none takes ``None`` for them, and the query goes through the network
+alone).
+
+A new head is one subclass of :class:`Head` with ``@register_head("name")``: ``ModelSpec.head``
+(``model.head`` in a config) then names it and :func:`build_head` builds it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import abc
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+HeadClass = TypeVar("HeadClass", bound="type[Head]")
 
 
 def class_prototypes(features: Tensor, onehot: Tensor) -> Tensor:
@@ -37,15 +44,84 @@ def prototype_logits(query_features: Tensor, prototypes: Tensor, scale: Tensor) 
     return scale * torch.addmm(bias, query_features, weight.transpose(-1, -2))
 
 
-class PrototypeHead(nn.Module):
-    """Prototype head with a metric scale, initialised to ``scale`` and learned unless
-    ``learn_scale`` is false."""
+class Head(nn.Module, abc.ABC):
+    """A classifier head: a task's query logits ``[Q, ways]`` from the support features
+    ``[S, D]`` (``None`` if ``uses_support`` is false), their one-hot labels ``[S, ways]`` and the
+    query features ``[Q, D]``.
 
-    uses_support = True
+    Example::
+
+        @register_head("nearest")
+        class NearestHead(Head):
+            # Negative squared distance to the prototypes (Snell et al. 2017), unscaled.
+
+            @classmethod
+            def from_settings(cls, feature_dim, ways, scale, learn_scale):
+                return cls()
+
+            def forward(self, support_features, support_onehot, query_features):
+                prototypes = class_prototypes(support_features, support_onehot)
+                return -torch.cdist(query_features, prototypes).pow(2)
+
+    """
+
+    uses_support: bool = True
+    """Whether ``forward`` reads the support features."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_settings(cls, feature_dim: int, ways: int, scale: float, learn_scale: bool) -> Head:
+        """The head for embeddings of ``feature_dim`` and tasks of ``ways`` classes, with the
+        initial metric ``scale`` (learned unless ``learn_scale`` is false) where it has one."""
+
+    @abc.abstractmethod
+    def forward(
+        self, support_features: Tensor | None, support_onehot: Tensor, query_features: Tensor
+    ) -> Tensor:
+        """The query logits ``[Q, ways]``."""
+
+
+HEADS: dict[str, type[Head]] = {}
+"""Every head a ``ModelSpec.head`` can name, by that name (see :func:`register_head`)."""
+
+
+def register_head(name: str) -> Callable[[HeadClass], HeadClass]:
+    """Class decorator: make a :class:`Head` subclass the head named ``name``."""
+
+    def register(head: HeadClass) -> HeadClass:
+        if name in HEADS:
+            raise ValueError(f"a head named {name!r} is registered already: {HEADS[name]}")
+        HEADS[name] = head
+        return head
+
+    return register
+
+
+@register_head("prototype")
+class PrototypeHead(Head):
+    """Prototypical Networks' classifier (Snell et al. 2017, "Prototypical Networks for Few-shot
+    Learning") as the linear layer of Proto-MAML (Triantafillou et al. 2020), times a metric
+    scale (TADAM, Oreshkin et al. 2018) initialised to ``scale`` and learned unless
+    ``learn_scale`` is false.
+
+    Example::
+
+        >>> head = PrototypeHead(scale=1.0)
+        >>> onehot = F.one_hot(torch.arange(5).repeat(2), 5).float()  # 5-way 2-shot
+        >>> head(torch.randn(10, 64), onehot, torch.randn(15, 64)).shape
+        torch.Size([15, 5])
+    """
 
     def __init__(self, scale: float = 1.0, learn_scale: bool = True) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn_scale)
+
+    @classmethod
+    def from_settings(
+        cls, feature_dim: int, ways: int, scale: float, learn_scale: bool
+    ) -> PrototypeHead:
+        """Any ``feature_dim`` and ``ways``: the head only holds its scale."""
+        return cls(scale, learn_scale)
 
     def forward(
         self, support_features: Tensor, support_onehot: Tensor, query_features: Tensor
@@ -53,22 +129,24 @@ class PrototypeHead(nn.Module):
         prototypes = class_prototypes(support_features, support_onehot)
         return prototype_logits(query_features, prototypes, self.scale)
 
-    def logit_magnitude(
-        self, support_features: Tensor, support_onehot: Tensor, query_features: Tensor
-    ) -> Tensor:
-        """A bound on the size of the terms a logit sums, ``|scale| (2 |q| |c| + |c|^2)`` at the
-        largest ``|q|`` and ``|c|``: the scale of its rounding error, however much they cancel."""
-        prototypes = class_prototypes(support_features, support_onehot)
-        query_norm = query_features.norm(dim=-1).max()
-        prototype_norm = prototypes.norm(dim=-1).max()
-        return self.scale.abs() * prototype_norm * (2 * query_norm + prototype_norm)
 
-
+@register_head("cosine")
 class CosineHead(PrototypeHead):
     """Prototypes of the L2-normalised support features, compared with the query by cosine
-    similarity times a learned scale (initialised to ``scale``): Meta-Baseline's classifier
-    (Chen et al. 2021) with TADAM's metric scaling. Pretrained classifier embeddings tell classes
-    apart by direction more than by distance (SimpleShot, Wang et al. 2019)."""
+    similarity times a learned scale (initialised to ``scale``): the cosine classifier of
+    Baseline++ (Chen et al. 2019, "A Closer Look at Few-shot Classification") over prototypes, as
+    in Meta-Baseline (Chen et al. 2021), with TADAM's metric scaling. Pretrained classifier
+    embeddings tell classes apart by direction more than by distance (SimpleShot, Wang et al.
+    2019).
+
+    Example::
+
+        >>> head = CosineHead(scale=10.0)
+        >>> onehot = F.one_hot(torch.arange(5), 5).float()  # 5-way 1-shot
+        >>> logits = head(torch.randn(5, 64), onehot, torch.randn(15, 64))
+        >>> bool(logits.abs().max() <= 10.0 + 1e-5)
+        True
+    """
 
     def __init__(self, scale: float = 10.0, learn_scale: bool = True) -> None:
         super().__init__(scale, learn_scale)
@@ -80,15 +158,20 @@ class CosineHead(PrototypeHead):
         similarity = F.normalize(query_features, dim=-1) @ F.normalize(prototypes, dim=-1).mT
         return self.scale * similarity
 
-    def logit_magnitude(
-        self, support_features: Tensor, support_onehot: Tensor, query_features: Tensor
-    ) -> Tensor:
-        """``|scale|``: a cosine is at most 1."""
-        return self.scale.abs()
 
+@register_head("linear")
+class LinearHead(Head):
+    """A linear classifier shared by every task and learned in the outer loop, as in CAVIA
+    (Zintgraf et al. 2019, "Fast Context Adaptation via Meta-Learning"): only the FiLM deviations
+    adapt to a task, so tasks must have exactly ``ways`` classes.
 
-class LinearHead(nn.Module):
-    """A linear classifier shared by every task; tasks must have exactly ``ways`` classes."""
+    Example::
+
+        >>> head = LinearHead(feature_dim=64, ways=5)
+        >>> onehot = F.one_hot(torch.arange(5), 5).float()
+        >>> head(None, onehot, torch.randn(15, 64)).shape  # reads no support features
+        torch.Size([15, 5])
+    """
 
     uses_support = False
 
@@ -96,6 +179,15 @@ class LinearHead(nn.Module):
         super().__init__()
         self.ways = ways
         self.linear = nn.Linear(feature_dim, ways)
+
+    @classmethod
+    def from_settings(
+        cls, feature_dim: int, ways: int, scale: float, learn_scale: bool
+    ) -> LinearHead:
+        """``ways`` outputs (at least 2); a linear head has no metric scale."""
+        if ways < 2:
+            raise ValueError(f"head_ways must be at least 2 for a linear head; got {ways}")
+        return cls(feature_dim, ways)
 
     def forward(
         self, support_features: Tensor | None, support_onehot: Tensor, query_features: Tensor
@@ -108,29 +200,14 @@ class LinearHead(nn.Module):
             )
         return self.linear(query_features)
 
-    def logit_magnitude(
-        self, support_features: Tensor | None, support_onehot: Tensor, query_features: Tensor
-    ) -> Tensor:
-        """``|w| |q| + |b|`` at the largest of each."""
-        weight, bias = self.linear.weight, self.linear.bias
-        return weight.norm(dim=-1).max() * query_features.norm(dim=-1).max() + bias.abs().max()
-
 
 def build_head(
-    kind: Literal["prototype", "cosine", "linear"],
-    feature_dim: int,
-    head_ways: int,
-    scale: float = 1.0,
-    learn_scale: bool = True,
-) -> PrototypeHead | CosineHead | LinearHead:
-    """The head ``ModelSpec.head`` names (``scale``: a prototype or cosine head's initial metric
-    scale, learned unless ``learn_scale`` is false)."""
-    if kind == "prototype":
-        return PrototypeHead(scale, learn_scale)
-    if kind == "cosine":
-        return CosineHead(scale, learn_scale)
-    if kind == "linear":
-        if head_ways < 2:
-            raise ValueError(f"head_ways must be at least 2 for a linear head; got {head_ways}")
-        return LinearHead(feature_dim, head_ways)
-    raise ValueError(f"unknown head {kind!r}; choose 'prototype', 'cosine' or 'linear'")
+    kind: str, feature_dim: int, head_ways: int, scale: float = 1.0, learn_scale: bool = True
+) -> Head:
+    """The head ``ModelSpec.head`` names, from :data:`HEADS` (``scale``: a prototype or cosine
+    head's initial metric scale, learned unless ``learn_scale`` is false)."""
+    if kind not in HEADS:
+        names = [repr(name) for name in HEADS]
+        choices = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+        raise ValueError(f"unknown head {kind!r}; choose {choices}")
+    return HEADS[kind].from_settings(feature_dim, head_ways, scale, learn_scale)

@@ -1,9 +1,9 @@
 """The inner loop: SGD on a task's FiLM deviations, and nothing else.
 
 This is the one inner loop of the project; the meta-batch code, the MAML-style wrapper and
-distributed training all call :func:`adapt`. It is a pure function of the starting deviations and
-a support-loss closure: the closure decides which network, head and data the deviations act on,
-so the loop never sees (and never differentiates) a network weight.
+distributed training all call :func:`inner_loop`. It is a pure function of the starting deviations
+and a support-loss closure: the closure decides which network, head and data the deviations act
+on, so the loop never sees (and never differentiates) a network weight.
 
 Two ways to take the gradient, equal in value and tested so:
 
@@ -29,7 +29,7 @@ SupportLoss = Callable[[Deviations], Tensor]
 Differentiate = Literal["autograd", "func"]
 
 
-def adapt(
+def inner_loop(
     deviations: Deviations,
     support_loss: SupportLoss,
     *,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from metafilm.any_backbone import load_module_backbone
 from metafilm.backbones import Backbone, build_backbone
 from metafilm.encoder import TaskEncoder, deviations_from_flat
 from metafilm.film import Deviations, resolve_sites
@@ -34,7 +33,7 @@ class FiLMLearner(nn.Module):
 
     ``backbone`` replaces the one ``model`` describes; it must follow the
     :class:`metafilm.backbones.Backbone` contract (``sites``, ``site_channels``, ``block_of``,
-    ``feature_dim``, ``bn_mode``, ``forward(x, film, start_block=)``, ``prefix``).
+    ``feature_dim``, ``bn_mode``, ``forward(x, film, start_block=, vmapped=)``, ``prefix``).
     """
 
     def __init__(
@@ -47,7 +46,7 @@ class FiLMLearner(nn.Module):
             )
         self.model_spec = model
         if backbone is None:
-            backbone = _backbone_of(model)
+            backbone = build_backbone(model)
         if isinstance(backbone, Backbone):
             # channels_last: on CPU, max-pooling and convolutions run ~1.5x faster per meta-step
             # in that layout (docs/benchmarks.md); the values are the same up to float
@@ -111,24 +110,3 @@ class FiLMLearner(nn.Module):
     def per_param_lr(self, inner_lrs: Tensor | None) -> Deviations | None:
         """The Meta-SGD learning rates as deviations (``None`` without ``learn_inner_lr``)."""
         return None if inner_lrs is None else deviations_from_flat(inner_lrs, self.site_channels)
-
-
-def _backbone_of(model: ModelSpec) -> nn.Module:
-    """The backbone ``model`` names: a built-in one, or a user's network whose batch-norm mode
-    must be the one ``model`` states."""
-    if ":" not in model.backbone:
-        return build_backbone(model)
-    backbone = load_module_backbone(
-        model.backbone,
-        model.weights or None,
-        in_channels=model.in_channels,
-        image_size=model.image_size,
-        normalize=model.normalize,
-    )
-    if backbone.bn_mode != model.bn_mode:
-        raise ValueError(
-            f"{model.backbone}'s batch norms are in {backbone.bn_mode!r} mode (running statistics "
-            f"{'kept' if backbone.bn_mode == 'running' else 'not kept'}): set model.bn_mode = "
-            f'"{backbone.bn_mode}"'
-        )
-    return backbone

@@ -3,7 +3,7 @@
 The user keeps their ``nn.Module`` and names the submodules after which FiLM acts
 (``film_sites=["features.1", ...]``); their class is never edited. ``maml.clone()`` starts a task
 at identity FiLM (or at a task encoder's prediction), ``learner.adapt(loss)`` takes SGD steps on
-the task's FiLM deviations through :func:`metafilm.inner.adapt` (the one inner loop), and
+the task's FiLM deviations through :func:`metafilm.inner.inner_loop` (the one inner loop), and
 ``learner(x)`` runs the model with the current deviations, so a query loss back-propagates to the
 model's weights (and the encoder's) through the adaptation::
 
@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from metafilm.encoder import TaskEncoder, task_representation
 from metafilm.film import Deviations, identity, modulate
-from metafilm.inner import adapt as adapt_deviations
+from metafilm.inner import inner_loop
 
 CHANNEL_ATTRIBUTES = ("num_features", "out_channels", "out_features", "num_channels")
 """Module attributes read, in this order, as the channel count of a site's output."""
@@ -174,7 +174,7 @@ class FiLMClone:
                 f"adapt takes a loss tensor or a closure learner -> loss; got {type(loss).__name__}"
             )
         try:
-            adapted = adapt_deviations(
+            adapted = inner_loop(
                 self.deviations,
                 support_loss,
                 inner_steps=steps,

@@ -3,8 +3,9 @@
 `metafilm train` writes `.metafilm-run` into a run directory when the run starts, `metafilm report`
 writes `.metafilm-report` into its output folder and `metafilm sweep` writes `.metafilm-sweep`.
 `--force`, a rewritten report and a resumed sweep act only on a directory that carries the
-matching marker, and `--force` deletes only the files a run writes (`clear_run_dir`): anything
-else in the folder is left where it is.
+matching marker, and `--force` deletes only the files a run writes
+(`metafilm.rundir.clear_run_dir`, with the helpers here): anything else in the folder is left
+where it is.
 """
 
 from __future__ import annotations
@@ -24,16 +25,6 @@ _MARKER_TEXT = {
     SWEEP_MARKER: "a metafilm sweep: running the same 'metafilm sweep' again resumes it here",
 }
 
-RUN_FILES = (
-    "config.toml",
-    "metrics.jsonl",
-    "last.pt",
-    "best.pt",
-    "backbone.pt",
-    "pretrain.pt",
-    "pretrain_metrics.jsonl",
-)
-"""Files a run directory gets from `metafilm train` / `metafilm pretrain`."""
 REPORT_FILES = (
     "report.md",
     "report.json",
@@ -42,8 +33,6 @@ REPORT_FILES = (
     "film_diagnostics.png",
 )
 """Files `metafilm report` writes."""
-_EVALUATION = re.compile(r".+_inner\d+_bn[a-z]+\.json")
-_TENSORBOARD = re.compile(r"events\.out\.tfevents\..+")
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")
 """A file `atomic_writer` had not yet renamed when its process was killed."""
 
@@ -79,18 +68,22 @@ def foreign_folder(out: Path, marker: str, command: str) -> str | None:
     return None
 
 
-def _remove(paths: Iterable[Path]) -> None:
+def remove_files(paths: Iterable[Path]) -> None:
+    """Delete each of `paths` that is a file (or a link); leave anything else."""
     for path in paths:
         if path.is_file() or path.is_symlink():
             path.unlink()
 
 
-def _rmdir_if_empty(directory: Path) -> None:
+def rmdir_if_empty(directory: Path) -> None:
+    """Remove `directory` if it is a folder with nothing in it."""
     if is_empty_dir(directory):
         directory.rmdir()
 
 
-def _written(directory: Path, names: Iterable[str], patterns: Iterable[re.Pattern]) -> list[Path]:
+def written_files(
+    directory: Path, names: Iterable[str], patterns: Iterable[re.Pattern]
+) -> list[Path]:
     """The files in `directory` named in `names` or matching one of `patterns`, with the
     temporary files `atomic_writer` leaves behind when killed."""
     if not directory.is_dir():
@@ -107,23 +100,6 @@ def clear_report_dir(directory: Path) -> None:
     """Delete what `metafilm report` wrote into a marked `directory` (nothing else)."""
     if not is_marked(directory, REPORT_MARKER):
         return
-    _remove(_written(directory, REPORT_FILES, ()))
+    remove_files(written_files(directory, REPORT_FILES, ()))
     (directory / REPORT_MARKER).unlink()
-    _rmdir_if_empty(directory)
-
-
-def clear_run_dir(directory: Path) -> list[Path]:
-    """Delete what metafilm wrote into the marked run `directory`: its config, metrics,
-    checkpoints, TensorBoard events, evaluations, default report and the marker itself. Return
-    what is left, which metafilm did not write."""
-    _remove(_written(directory, RUN_FILES, ()))
-    board = directory / "tensorboard"
-    stages = [path for path in board.glob("*") if path.is_dir()]  # e.g. pretraining's events
-    for folder in [*stages, board]:
-        _remove(_written(folder, (), (_TENSORBOARD,)))
-        _rmdir_if_empty(folder)
-    _remove(_written(directory / "eval", (), (_EVALUATION,)))
-    _rmdir_if_empty(directory / "eval")
-    clear_report_dir(directory / "report")
-    (directory / RUN_MARKER).unlink(missing_ok=True)
-    return sorted(directory.iterdir())
+    rmdir_if_empty(directory)

@@ -1,11 +1,28 @@
 """Meta-learning maths over a :class:`~metafilm.learner.FiLMLearner`: one task, a meta-batch, an
-outer step, an evaluation, and the inputs they read.
+outer step, an evaluation, and the inputs they read. One job in about 570 lines: the maths of
+meta-learning around the one per-task computation (``_task``) that training and evaluation share.
+
+The outer objective, in one place. One outer step (:func:`meta_step`) on a meta-batch of ``T``
+tasks minimises::
+
+    L = 1/T sum_t [ CE(query_t | adapted_t) + outer.film_l2 * |adapted_t|^2 ]     (meta_backward)
+      + outer.postmult_l2 * |encoder.postmult|^2                                  (meta_step)
+      + auxiliary.weight * CE(classifier(backbone(aux images)), aux labels)       (meta_step)
+      + Adam weight decay outer.encoder_weight_decay on the encoder's predictor   (make_optimizer)
+
+with ``adapted_t`` the deviations after the inner loop (:func:`metafilm.inner.inner_loop`), which
+takes ``adapt.inner_steps`` SGD steps on ``CE(support_t) + adapt.film_l2 * |deviations|^2`` from
+the encoder's prediction; ``|d|^2`` is :func:`metafilm.film.l2_to_identity`, the squared distance
+from identity FiLM. The auxiliary term is TADAM's co-training (``outer.aux_weight``, decayed by
+``outer.aux_decay`` every ``outer.aux_decay_every`` steps: :func:`auxiliary_weight`); the weight
+decay acts on the encoder's ``net`` alone (not its post-multipliers, nor anything else). The
+meta-gradient is clipped to norm ``outer.grad_clip`` before the update.
 
 One task (:func:`task_loss`), with the learner's parameters passed explicitly (``functional_call``):
 
 1. starting deviations: the task encoder on the *unmodulated* support features, or identity;
-2. :func:`metafilm.inner.adapt` on the support loss of the head, the prototypes rebuilt from the
-   modulated support features at every step;
+2. :func:`metafilm.inner.inner_loop` on the support loss of the head, the prototypes rebuilt from
+   the modulated support features at every step;
 3. query loss and accuracy with the adapted deviations. Support and query go through the network
    in one pass (as Prototypical Networks do), so the prototypes and the queries see the same
    batch-norm statistics in episode mode. The linear head reads no support features: the query
@@ -16,12 +33,12 @@ step, and one pass over support and query; the inner loop differentiates only th
 
 A meta-batch (:func:`meta_backward`) is either a per-task ``loop`` that back-propagates each task as
 soon as it is computed (memory of one task at a time; the faster strategy on CPU), or one ``vmap``
-over the tasks (``torch.func.grad`` inside; needs batch norm that updates no running statistics).
+over the tasks (``torch.func.grad`` inside; needs batch norm that updates no running statistics),
+which tells the backbone so (``vmapped=True``: FiLM is then applied after batch norm).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -39,8 +56,7 @@ from episodes.classes import ClassImages, to_pixels
 from episodes.sampler import Episode, IndexEpisode, Task, gather
 from metafilm.encoder import task_representation
 from metafilm.film import Deviations, deviation_size, identity, l2_to_identity
-from metafilm.inner import Differentiate
-from metafilm.inner import adapt as adapt_deviations
+from metafilm.inner import Differentiate, inner_loop
 from metafilm.interop import as_episode
 from metafilm.learner import FiLMLearner
 from metafilm.specs import AdaptSpec, OuterSpec
@@ -95,6 +111,7 @@ def _adapted(
     onehot: Tensor,
     start_block: int,
     differentiate: Differentiate,
+    vmapped: bool,
     support_x: Tensor,
     support_y: Tensor,
 ) -> tuple[Deviations, Deviations]:
@@ -102,7 +119,7 @@ def _adapted(
     loop on the support loss."""
 
     def embed(x: Tensor, film: Deviations | None) -> Tensor:
-        return modules.backbone(x, film, start_block=start_block)
+        return modules.backbone(x, film, start_block=start_block, vmapped=vmapped)
 
     if modules.encoder is None:
         predicted = identity(learner.site_channels, learner.used_sites, like=support_x)
@@ -113,7 +130,7 @@ def _adapted(
         features = embed(support_x, deviations)
         return F.cross_entropy(modules.head(features, onehot, features), support_y)
 
-    adapted = adapt_deviations(
+    adapted = inner_loop(
         predicted,
         support_loss,
         inner_steps=adapt.inner_steps,
@@ -148,6 +165,7 @@ def adapt_to_support(
                 onehot,
                 0,
                 "autograd",
+                False,
                 support_x,
                 support_y,
             )
@@ -163,6 +181,7 @@ def _task(
     ways: int,
     start_block: int,
     differentiate: Differentiate,
+    vmapped: bool,
     support_x: Tensor,
     support_y: Tensor,
     query_x: Tensor,
@@ -172,10 +191,10 @@ def _task(
     onehot = (support_y.unsqueeze(-1) == torch.arange(ways)).to(support_x.dtype)
 
     def embed(x: Tensor, film: Deviations | None) -> Tensor:
-        return modules.backbone(x, film, start_block=start_block)
+        return modules.backbone(x, film, start_block=start_block, vmapped=vmapped)
 
     predicted, adapted = _adapted(
-        modules, learner, adapt, onehot, start_block, differentiate, support_x, support_y
+        modules, learner, adapt, onehot, start_block, differentiate, vmapped, support_x, support_y
     )
     if learner.head.uses_support:
         features = embed(torch.cat([support_x, query_x]), adapted)
@@ -183,13 +202,9 @@ def _task(
     else:
         head_inputs = (None, onehot, embed(query_x, adapted))
     query_logits = modules.head(*head_inputs)
-    with torch.no_grad():  # a diagnostic: how near the closest decision is to a tie
-        top_two = query_logits.topk(2, dim=-1).values
-        margin = (top_two[:, 0] - top_two[:, 1]).min() / learner.head.logit_magnitude(*head_inputs)
     metrics = {
         "accuracy": (query_logits.argmax(-1) == query_y).to(query_logits.dtype).mean(),
         "film_l2": l2_to_identity(adapted),
-        "margin": margin,
     }
     for name, deviations in (("film_predicted", predicted), ("film_adapted", adapted)):
         for site, (dgamma, dbeta) in deviations.items():
@@ -206,16 +221,16 @@ def task_loss(
     *,
     start_block: int = 0,
     differentiate: Differentiate = "autograd",
+    vmapped: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One task's query loss after adaptation, and its metrics.
 
     ``params``/``buffers`` are named as in ``learner.named_parameters()``/``named_buffers()``.
     Metrics: ``accuracy``, ``film_l2`` (squared distance of the adapted deviations from identity,
-    differentiable: the outer regulariser), ``margin`` (the smallest gap between a query's two
-    largest logits, over the head's ``logit_magnitude``: how near the task's closest decision is
-    to a tie, see :func:`evaluate_exact`), ``film_predicted/<site>`` and ``film_adapted/<site>``
+    differentiable: the outer regulariser), ``film_predicted/<site>`` and ``film_adapted/<site>``
     (RMS size of the starting and adapted deviations). ``start_block > 0`` means the inputs are
-    ``backbone.prefix(images, start_block)`` features.
+    ``backbone.prefix(images, start_block)`` features. Under ``torch.func.vmap``, pass
+    ``differentiate="func"`` and ``vmapped=True``.
     """
     return _task(
         _functional_modules(learner, params, buffers),
@@ -224,6 +239,7 @@ def task_loss(
         task.ways,
         start_block,
         differentiate,
+        vmapped,
         task.support_x,
         task.support_y,
         task.query_x,
@@ -247,6 +263,7 @@ def _task_of(
         episode.ways,
         start_block,
         "autograd",
+        False,
         episode.support_x[i],
         episode.support_y[i],
         episode.query_x[i],
@@ -258,7 +275,7 @@ def _all_tasks_vmapped(
     modules: _Modules, learner: FiLMLearner, adapt: AdaptSpec, episode: Episode, start_block: int
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Every task of ``episode`` in one ``vmap`` (``torch.func.grad`` inner loop)."""
-    one_task = partial(_task, modules, learner, adapt, episode.ways, start_block, "func")
+    one_task = partial(_task, modules, learner, adapt, episode.ways, start_block, "func", True)
     return torch.func.vmap(one_task)(
         episode.support_x, episode.support_y, episode.query_x, episode.query_y
     )
@@ -284,8 +301,9 @@ def meta_backward(
     start_block: int | None = None,
 ) -> dict[str, Tensor]:
     """Add to every parameter's ``.grad`` the meta-gradient of
-    ``mean over tasks (query loss + film_l2 * |adapted deviations|^2)``; return per-task metrics
-    ``[tasks]`` (detached), ``loss`` included.
+    ``mean over tasks (query loss + film_l2 * |adapted deviations|^2)`` (the first line of the
+    outer objective, see the module docstring); return per-task metrics ``[tasks]`` (detached),
+    ``loss`` included.
 
     ``loop`` back-propagates each task as soon as it is computed (the memory of one task);
     ``vmap`` computes all tasks at once (far fewer, larger operations: faster when the per-task
@@ -313,8 +331,8 @@ def meta_backward(
 
 def make_optimizer(learner: FiLMLearner, outer: OuterSpec) -> torch.optim.Adam:
     """Adam over the trainable parameters; the encoder weight decay acts on the encoder's
-    predictor only (its post-multipliers have their own L2 in the loss). A frozen backbone is
-    left out."""
+    predictor only (its post-multipliers have their own L2 in the loss: the outer objective of the
+    module docstring). A frozen backbone is left out."""
     decayed = [] if learner.encoder is None else list(learner.encoder.net.parameters())
     decayed_ids = {id(p) for p in decayed}
     rest = [p for p in learner.parameters() if p.requires_grad and id(p) not in decayed_ids]
@@ -371,10 +389,8 @@ def meta_step(
 ) -> dict[str, float]:
     """One outer update on a meta-batch; returns its training metrics.
 
-    Minimises the mean query loss after adaptation + ``outer.film_l2`` * squared size of the
-    adapted deviations + ``outer.postmult_l2`` * squared post-multipliers (the encoder weight decay
-    lives in the optimiser) + ``auxiliary.weight`` * the auxiliary classification loss (TADAM's
-    co-training, when given; its classifier must be in ``optimizer``), with the gradient norm
+    Minimises the outer objective of the module docstring (the auxiliary term when
+    ``auxiliary`` is given; its classifier must be in ``optimizer``), with the gradient norm
     clipped to ``outer.grad_clip``. Metrics (``aux_loss`` with ``auxiliary``):
     ``loss`` (query loss), ``accuracy``, ``grad_norm`` (before clipping) and per site
     ``film_predicted/<site>``, ``film_adapted/<site>`` (RMS deviation sizes, averaged over tasks).
@@ -398,11 +414,7 @@ def meta_step(
     max_norm = math.inf if outer.grad_clip is None else outer.grad_clip
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
     optimizer.step()
-    summary = {
-        name: float(values.mean())
-        for name, values in metrics.items()
-        if name not in ("film_l2", "margin")
-    }
+    summary = {name: float(values.mean()) for name, values in metrics.items() if name != "film_l2"}
     summary["grad_norm"] = float(grad_norm)
     return summary
 
@@ -421,97 +433,27 @@ def evaluate(
     is evaluated in eval mode and returned to the mode it was in. A learner with Meta-SGD rates
     uses them in place of ``adapt.inner_lr``. ``strategy`` as in :func:`meta_backward`.
     """
-    accuracies = [
-        _evaluation_metrics(learner, episode, adapt, strategy)["accuracy"]
-        for episode in map(as_episode, episodes)
-    ]
-    return torch.cat(accuracies).double().numpy() if accuracies else np.zeros(0)
-
-
-FLOAT32_LOGIT_ERROR = 2.0**-14
-"""Bound, relative to the head's ``logit_magnitude`` (the size of the terms a logit sums), on how
-far a float32 evaluation's logits lie from float64's: the unit roundoff 2^-24 times 1024, far
-above what scripts/bench_evaluation.py measures (docs/benchmarks.md)."""
-
-
-def evaluate_exact(
-    learner: FiLMLearner,
-    episodes: Iterable[Episode],
-    adapt: AdaptSpec,
-    *,
-    strategy: Strategy = "auto",
-    logit_error: float = FLOAT32_LOGIT_ERROR,
-) -> tuple[np.ndarray, int]:
-    """:func:`evaluate` of a float64 ``learner``, computed in float32 wherever that gives the
-    same answer; returns the accuracies and how many tasks were computed in float64.
-
-    Each task runs first on a float32 copy of the learner. If every logit is within
-    ``logit_error`` times the head's ``logit_magnitude`` of its float64 value, a query whose two
-    largest float32 logits are more than twice that apart has the same prediction as in float64;
-    a task with a closer query (a near-tie, whose prediction the order of float32 sums could
-    flip: another thread count, another CPU) is computed again in float64. So the accuracies are
-    float64's and do not depend on the thread count, at the cost of float32 for all but the
-    near-tied tasks.
-    """
-    fast = copy.deepcopy(learner).float()
-    accuracies: list[Tensor] = []
-    recomputed = 0
-    for episode in map(as_episode, episodes):
-        metrics = _evaluation_metrics(fast, _cast(episode, torch.float32), adapt, strategy)
-        queries = episode.query_y.shape[-1]  # float32's k/n made float64's k/n
-        accuracy = torch.round(metrics["accuracy"].double() * queries) / queries
-        near_tie = ~(metrics["margin"] > 2 * logit_error)  # NaN margins are redone too
-        if bool(near_tie.any()):
-            rows = near_tie.nonzero().flatten()
-            exact = _evaluation_metrics(learner, _tasks(episode, rows), adapt, strategy)
-            accuracy[rows] = exact["accuracy"].double()
-            recomputed += len(rows)
-        accuracies.append(accuracy)
-    return (torch.cat(accuracies).numpy() if accuracies else np.zeros(0)), recomputed
-
-
-def _cast(episode: Episode, dtype: torch.dtype) -> Episode:
-    return replace(
-        episode, support_x=episode.support_x.to(dtype), query_x=episode.query_x.to(dtype)
-    )
-
-
-def _tasks(episode: Episode, rows: Tensor) -> Episode:
-    """The tasks ``rows`` of ``episode``."""
-    return Episode(
-        episode.support_x[rows],
-        episode.support_y[rows],
-        episode.query_x[rows],
-        episode.query_y[rows],
-        episode.ways,
-    )
-
-
-def _evaluation_metrics(
-    learner: FiLMLearner, episode: Episode, adapt: AdaptSpec, strategy: Strategy
-) -> dict[str, Tensor]:
-    """Per-task ``accuracy`` and ``margin`` (see :func:`task_loss`) of one meta-batch, in eval
-    mode and without an outer graph."""
     first_order = replace(adapt, first_order=True)  # same values, no graph of the inner gradient
     modules = _own_modules(learner)
-    start_block = _start_block(learner, episode.support_x)
     was_training = learner.training
     learner.eval()
+    accuracies: list[Tensor] = []
     try:
         with torch.no_grad():
-            if _resolve_strategy(strategy, start_block) == "vmap":
-                _, metrics = _all_tasks_vmapped(modules, learner, first_order, episode, start_block)
-                return {name: metrics[name] for name in ("accuracy", "margin")}
-            per_task = [
-                _task_of(modules, learner, first_order, episode, start_block, i)[1]
-                for i in range(episode.tasks)
-            ]
-            return {
-                name: torch.stack([metrics[name] for metrics in per_task])
-                for name in ("accuracy", "margin")
-            }
+            for episode in map(as_episode, episodes):
+                start_block = _start_block(learner, episode.support_x)
+                if _resolve_strategy(strategy, start_block) == "vmap":
+                    _, metrics = _all_tasks_vmapped(
+                        modules, learner, first_order, episode, start_block
+                    )
+                    accuracies.extend(metrics["accuracy"])
+                    continue
+                for i in range(episode.tasks):
+                    _, metrics = _task_of(modules, learner, first_order, episode, start_block, i)
+                    accuracies.append(metrics["accuracy"])
     finally:
         learner.train(was_training)
+    return torch.stack(accuracies).double().numpy() if accuracies else np.zeros(0)
 
 
 def _start_block(learner: FiLMLearner, x: Tensor) -> int:

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from episodes.folder import IMAGE_SUFFIXES, list_folder, load_images
-from metafilm.task_model import TaskModel, TaskModelError
+from metafilm.errors import TaskModelError
+from metafilm.task_model import TaskModel
 
 BATCH = 64
 """Query images per forward pass."""

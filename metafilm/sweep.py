@@ -26,28 +26,23 @@ from typing import Any
 
 import numpy as np
 
+from metafilm.assemble import Progress
 from metafilm.checkpoint import load_checkpoint
-from metafilm.config import ConfigError, RunConfig, load_config, parse_override
+from metafilm.config import RunConfig, load_config, parse_override
+from metafilm.errors import ConfigError, RunError
+from metafilm.evaluation import evaluate_checkpoint
 from metafilm.markers import SWEEP_MARKER, foreign_folder, mark
-from metafilm.report import (
+from metafilm.report import labelled, mean_ci_text, paired_differences, write_report
+from metafilm.rundir import (
     CONFIG_FILE,
     LAST,
     RunFiles,
-    accuracy_summary,
-    labelled,
-    mean_ci_text,
-    paired_differences,
-    read_run,
-    write_report,
-)
-from metafilm.train import (
-    Progress,
-    RunError,
     check_run_dir,
-    evaluate_checkpoint,
+    read_run,
     resolve_checkpoint,
-    train,
 )
+from metafilm.stats import accuracy_summary
+from metafilm.train import train
 
 SUMMARY_FIGURE = "sweep_accuracy.png"
 

@@ -27,22 +27,19 @@ from torch import Tensor
 from episodes.classes import to_pixels
 from episodes.folder import RESIZE_RULE
 from metafilm.checkpoint import checkpoint_sha256
+from metafilm.errors import TaskModelError
+from metafilm.evaluation import load_trained
 from metafilm.film import Deviations
 from metafilm.heads import class_prototypes
 from metafilm.learner import FiLMLearner
 from metafilm.meta import adapt_to_support
 from metafilm.specs import AdaptSpec
-from metafilm.train import load_trained
 
 TASK_FORMAT = "metafilm-task"
 TASK_VERSION = 1
 BATCH_NORM = "running statistics of training (each image alone, non-transductive)"
 """What a task model normalises with: stated by ``metafilm predict``."""
 _PROTOTYPES = "prototypes"
-
-
-class TaskModelError(ValueError):
-    """A task model that cannot be made or read; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,16 @@ import metafilm
 from episodes.classes import ClassImages
 from episodes.omniglot import load_omniglot
 from episodes.sampler import Episode, EpisodeSampler, IndexEpisode, gather
-from metafilm import AdaptSpec, FiLMLearner, ModelSpec, OuterSpec
-from metafilm.backbones import build_backbone
-from metafilm.meta import input_builder, make_optimizer, meta_step
+from metafilm import (
+    AdaptSpec,
+    FiLMLearner,
+    ModelSpec,
+    OuterSpec,
+    build_backbone,
+    input_builder,
+    make_optimizer,
+    meta_step,
+)
 
 WAYS, SHOTS, QUERY, IMAGE_SIZE, WIDTH = 5, 1, 15, 28, 64
 MAML_INNER_LR = 0.4

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { echo "usage: $0 BASE_RUN OTHER_RUN [...]" >&2; exit 2; }
-read -r -a alphabets <<< "$(python -c 'from metafilm.config import load_config
+read -r -a alphabets <<< "$(python -c 'from metafilm import load_config
 print(*load_config("configs/results/omniglot-lake.toml").data.val_alphabets)')"
 
 pids=()
@@ -30,7 +30,8 @@ python - "$@" <<'PY'
 import sys
 from pathlib import Path
 
-from metafilm.report import format_percent, paired_differences, read_run
+from metafilm.report import format_percent, paired_differences
+from metafilm.rundir import read_run
 
 base, *others = map(Path, sys.argv[1:])
 for run in others:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data root, a session cache dir, and quick access to Omniglot splits.
+"""Shared fixtures: the real data root, a session cache dir, quick access to Omniglot splits, and
+the tiny run configs of the end-to-end tests.
 
 Tests that need real data take `data_root`: it skips when `METAFILM_DATA_ROOT` is unset, and fails
 instead when `METAFILM_REQUIRE_DATA=1` (as CI sets) or when the Omniglot zips are missing under it.
@@ -6,15 +7,25 @@ instead when `METAFILM_REQUIRE_DATA=1` (as CI sets) or when the Omniglot zips ar
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from episodes.classes import ClassImages
 from episodes.omniglot import BACKGROUND_ZIP, EVALUATION_ZIP, load_omniglot
+
+TINY_RUN: dict[str, dict[str, Any]] = {
+    "data": {"ways": 5, "shots": 1, "query": 2},
+    "model": {"width": 8},
+    "outer": {"meta_batch_size": 2},
+}
+"""The tiny Omniglot run that end-to-end tests train: 5-way 1-shot with 2 query images per class,
+Conv-4 of width 8, two tasks per step (each test adds its own steps, validation and checkpoints)."""
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +84,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_toml() -> Callable[..., str]:
+    """`tiny_toml(section={key: value, ...}, ...)`: the TOML text of `TINY_RUN` with those
+    settings added (or replacing its own), e.g. `tiny_toml(train={"steps": 6})`."""
+
+    def text(**sections: Mapping[str, Any]) -> str:
+        merged = {name: dict(table) for name, table in TINY_RUN.items()}
+        for name, table in sections.items():
+            merged.setdefault(name, {}).update(table)
+        return "".join(
+            f"[{name}]\n"
+            + "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
+            + "\n"
+            for name, table in merged.items()
+        )
+
+    return text

@@ -15,15 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from episodes.sampler import Episode
-from metafilm.any_backbone import (
-    AdaptedParameters,
-    ModuleBackbone,
-    adapted_parameters,
-    load_module_backbone,
-)
+from metafilm.any_backbone import AdaptedParameters, ModuleBackbone, adapted_parameters
 from metafilm.film import identity
 from metafilm.learner import FiLMLearner
 from metafilm.meta import make_optimizer, meta_backward, meta_step, task_loss
+from metafilm.network_loader import load_module_backbone
 from metafilm.specs import AdaptSpec, ModelSpec, OuterSpec
 
 MODULE = "tests.test_any_backbone"

@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,29 +28,20 @@ from PIL import Image
 from metafilm.checkpoint import MAGIC, load_checkpoint, save_checkpoint
 from metafilm.cli import build_parser, main
 from metafilm.config import config_from_dict, load_config, to_toml
+from metafilm.evaluation import _with_progress
 from metafilm.report import FIGURES
-from metafilm.train import _with_progress
 
-TINY = """
-[data]
-ways = 5
-shots = 1
-query = 2
-
-[model]
-width = 8
-film_sites = ["block3", "block4"]
-
-[outer]
-meta_batch_size = 2
-
-[train]
-steps = 12
-log_every = 2
-val_every = 6
-val_episodes = 4
-checkpoint_every = 4
-"""
+TINY = {
+    "model": {"film_sites": ["block3", "block4"]},
+    "train": {
+        "steps": 12,
+        "log_every": 2,
+        "val_every": 6,
+        "val_episodes": 4,
+        "checkpoint_every": 4,
+    },
+}
+"""This file's settings of the tiny run (`TINY_RUN` in conftest.py)."""
 
 OPTIONS = {
     "data": ["--root", "--cache-dir", "--image-size", "--download"],
@@ -73,6 +65,9 @@ OPTIONS = {
     ],
     "report": ["RUN_DIR", "--out", "--compare-published"],
     "sweep": ["config", "--set", "--grid", "--out", "--one-at-a-time"],
+    "adapt": ["RUN_DIR|CHECKPOINT", "--support", "--checkpoint", "--out"],
+    "predict": ["PATH", "--support", "--checkpoint", "--task", "--checkpoint-file", "--out"],
+    "export": ["TASK", "--onnx", "--checkpoint-file"],
 }
 
 
@@ -133,6 +128,9 @@ PROMISES = {
     "report": ["95% CI", "never a folder with other files"],
     "sweep": ["every combination", "resumes", "--one-at-a-time"],
     "data": ["checksum", "md5", "resumable"],
+    "adapt": ["one subfolder of images per class", "any number each", "without running code"],
+    "predict": ["metafilm predict --task TASK", "runners-up", "every probability"],
+    "export": ["FiLM folded into the batch norms", "[0, 1]"],
 }
 """What each command's help must tell a user, beyond naming its options (see the README)."""
 
@@ -165,10 +163,10 @@ def test_python_m_metafilm_lists_the_commands() -> None:
 
 
 def test_config_mistakes_stop_before_any_work(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_toml: Callable[..., str]
 ) -> None:
     config = tmp_path / "tiny.toml"
-    config.write_text(TINY)
+    config.write_text(tiny_toml(**TINY))
     run = tmp_path / "run"
     message = in_process_error(capsys, "train", config, "--out", run, "--set", "model.widht=3")
     assert message.endswith("unknown setting model.widht (did you mean model.width?)")
@@ -180,11 +178,14 @@ def test_config_mistakes_stop_before_any_work(
 
 
 def test_missing_data_root_is_one_clear_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_toml: Callable[..., str],
 ) -> None:
     monkeypatch.delenv("METAFILM_DATA_ROOT", raising=False)
     config = tmp_path / "tiny.toml"
-    config.write_text(TINY)
+    config.write_text(tiny_toml(**TINY))
     message = in_process_error(capsys, "train", config, "--out", tmp_path / "run")
     assert "METAFILM_DATA_ROOT" in message
     assert not (tmp_path / "run").exists()
@@ -219,10 +220,10 @@ def test_usage_errors_of_evaluate_and_report(
 
 @pytest.mark.slow
 def test_episode_shape_is_checked_against_the_split(
-    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
+    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path, tiny_toml: Callable[..., str]
 ) -> None:
     config = tmp_path / "tiny.toml"
-    config.write_text(TINY)
+    config.write_text(tiny_toml(**TINY))
     dirs = {"data_root": data_root, "cache_dir": omniglot_cache_dir}
     run = tmp_path / "run"
     message = one_line_error(
@@ -249,11 +250,11 @@ def test_episode_shape_is_checked_against_the_split(
 
 @pytest.mark.slow
 def test_train_evaluate_report_end_to_end(
-    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
+    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path, tiny_toml: Callable[..., str]
 ) -> None:
     dirs = {"data_root": data_root, "cache_dir": omniglot_cache_dir}
     config_path = tmp_path / "tiny.toml"
-    config_path.write_text(TINY)
+    config_path.write_text(tiny_toml(**TINY))
     run = tmp_path / "run"
 
     trained = metafilm("train", config_path, "--out", run, "--set", "adapt.inner_steps=2", **dirs)
@@ -371,14 +372,18 @@ def test_train_evaluate_report_end_to_end(
 
 
 def test_one_run_with_running_statistics_reports_both_batch_norms(
-    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    data_root: Path,
+    omniglot_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    tiny_toml: Callable[..., str],
 ) -> None:
     """A model trained with running statistics is tested either way, and its transductive test
     is exactly that of the same training with episode batch norm (training never reads the running
     buffers, so both runs reach the same weights)."""
     dirs = {"data_root": data_root, "cache_dir": omniglot_cache_dir}
     config = tmp_path / "tiny.toml"
-    config.write_text(TINY + "\n[eval]\nepisodes = 8\n")
+    config.write_text(tiny_toml(**TINY, eval={"episodes": 8}))
     runs = {mode: tmp_path / mode for mode in ("episode", "running")}
     for mode, run in runs.items():
         trained = metafilm("train", config, "--out", run, "--set", f"model.bn_mode={mode}", **dirs)
@@ -420,10 +425,10 @@ def test_one_run_with_running_statistics_reports_both_batch_norms(
 
 
 def test_a_frozen_backbone_without_pretraining_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_toml: Callable[..., str]
 ) -> None:
     config = tmp_path / "tiny.toml"
-    config.write_text(TINY)
+    config.write_text(tiny_toml(**TINY))
     frozen = ["--set", "model.backbone_mode=frozen", "--set", "pretrain.enabled=false"]
     message = in_process_error(capsys, "train", config, "--out", tmp_path / "run", *frozen)
     assert message == (
@@ -436,12 +441,12 @@ def test_a_frozen_backbone_without_pretraining_is_refused(
 
 @pytest.mark.slow
 def test_frozen_backbone_is_pretrained_once_and_never_changes(
-    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
+    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path, tiny_toml: Callable[..., str]
 ) -> None:
     dirs = {"data_root": data_root, "cache_dir": omniglot_cache_dir}
     config = tmp_path / "frozen.toml"
     config.write_text(
-        TINY + "\n[pretrain]\nsteps = 15\nbatch_size = 16\n" + "\n[eval]\nepisodes = 5\n"
+        tiny_toml(**TINY, pretrain={"steps": 15, "batch_size": 16}, eval={"episodes": 5})
     )
     frozen = ["--set", "model.backbone_mode=frozen", "--set", "model.bn_mode=running"]
     shared, own, reused = tmp_path / "pretrained", tmp_path / "own", tmp_path / "reused"
@@ -627,11 +632,12 @@ def test_a_full_disk_names_the_file_and_the_intact_checkpoint(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
     one_thread: None,
+    tiny_toml: Callable[..., str],
 ) -> None:
     monkeypatch.setenv("METAFILM_DATA_ROOT", str(data_root))
     monkeypatch.setenv("METAFILM_CACHE_DIR", str(omniglot_cache_dir))
     config, run = tmp_path / "tiny.toml", tmp_path / "run"
-    config.write_text(TINY)  # last.pt at steps 4, 8 and 12
+    config.write_text(tiny_toml(**TINY))  # last.pt at steps 4, 8 and 12
     real_fsync, checkpoints = os.fsync, []
 
     def fsync(fd: int) -> None:
@@ -658,10 +664,10 @@ def test_a_full_disk_names_the_file_and_the_intact_checkpoint(
 
 @pytest.mark.slow
 def test_sigterm_stops_like_an_interruption_and_says_how_to_resume(
-    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
+    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path, tiny_toml: Callable[..., str]
 ) -> None:
     config, run = tmp_path / "tiny.toml", tmp_path / "run"
-    config.write_text(TINY)
+    config.write_text(tiny_toml(**TINY))
     steps = ["--set", "train.steps=400"]
     env = {
         **os.environ,
@@ -720,3 +726,52 @@ def test_evaluation_reports_its_progress_per_batch() -> None:
         ("update", 120),
         ("close",),
     ]
+
+
+@pytest.mark.data
+def test_validation_inside_training_reports_its_episodes(
+    tmp_path: Path, tiny_toml: Callable[..., str], data_root: Path
+) -> None:
+    """The training bar says how far a validation has come instead of standing still."""
+    from metafilm.train import train
+
+    class Notes:
+        def __init__(self) -> None:
+            self.notes: list[str] = []
+
+        def start(self, phase: str, done: int, total: int) -> None: ...
+
+        def update(self, done: int, metrics: dict) -> None: ...
+
+        def note(self, text: str) -> None:
+            self.notes.append(text)
+
+        def close(self) -> None: ...
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        tiny_toml(train={"steps": 2, "val_every": 2, "val_episodes": 70, "checkpoint_every": 2})
+    )
+    recorder = Notes()
+    train(load_config(config), tmp_path / "run", progress=recorder)
+    assert recorder.notes == ["validating: 50/70 episodes", "validating: 70/70 episodes"]
+
+
+@pytest.mark.data
+def test_a_long_run_says_how_long_it_will_take(
+    tmp_path: Path, tiny_toml: Callable[..., str], data_root: Path, caplog, monkeypatch
+) -> None:
+    """After its first steps, a run longer than the threshold states the time its rest takes,
+    from the measured pace; a short one says nothing."""
+    from metafilm import train as training
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_toml(train={"steps": 8, "val_every": 0, "checkpoint_every": 8}))
+    caplog.set_level("INFO", logger="metafilm")
+    training.train(load_config(config), tmp_path / "short")
+    assert "steps take about" not in caplog.text
+    monkeypatch.setattr(training, "ESTIMATE_ABOVE_S", 0.0)
+    training.train(load_config(config), tmp_path / "long")
+    lines = [r.message for r in caplog.records if "steps take about" in r.message]
+    assert len(lines) == 1 and "the remaining 3 steps take about" in lines[0], lines
+    assert training._duration(3900) == "1 h 05 min" and training._duration(420) == "7 min"

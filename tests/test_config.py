@@ -11,6 +11,7 @@ import torch
 
 from episodes.classes import ClassImages
 from episodes.sampler import EpisodeSampler, FixedEpisodes
+from metafilm.assemble import build_learner
 from metafilm.config import (
     ConfigError,
     config_from_dict,
@@ -21,7 +22,6 @@ from metafilm.config import (
     to_toml,
     trajectory_differences,
 )
-from metafilm.train import build_learner
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.toml"))
 

@@ -14,16 +14,15 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from episodes.sampler import FixedEpisodes
+from metafilm.assemble import build_learner, load_split
 from metafilm.checkpoint import load_checkpoint
 from metafilm.config import ConfigError, config_from_dict, load_config
 from metafilm.distributed import (
     DEFAULT_TIMEOUT_S,
-    SINGLE_PROCESS,
     Distributed,
     DistributedError,
     Launch,
@@ -33,7 +32,7 @@ from metafilm.distributed import (
     timeout_from_env,
 )
 from metafilm.meta import input_builder
-from metafilm.train import build_learner, load_split, train, validate
+from metafilm.train import train, validate
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.toml"
@@ -126,15 +125,46 @@ def test_an_uneven_meta_batch_is_refused_before_any_work(tmp_path: Path) -> None
     assert not (tmp_path / "run").exists()
 
 
-def test_one_process_collectives_change_nothing() -> None:
-    grads = [torch.arange(3.0), torch.ones(2, 2)]
-    SINGLE_PROCESS.mean_(grads)
-    assert torch.equal(grads[0], torch.arange(3.0)) and torch.equal(grads[1], torch.ones(2, 2))
-    assert SINGLE_PROCESS.mean_metrics({"loss": 1.5}) == {"loss": 1.5}
-    values = np.array([0.25, 0.5])
-    assert SINGLE_PROCESS.gather_shards(values, 2) is values
-    SINGLE_PROCESS.require_same("anything", 3)
-    assert SINGLE_PROCESS.is_main and SINGLE_PROCESS.task_slice(4) == slice(0, 4)
+ONE_PROCESS = """
+import numpy as np, torch
+from metafilm.distributed import SINGLE_PROCESS, process_group
+
+def outcome(group):
+    grads = [torch.arange(6.0).reshape(2, 3) - 2.5, torch.tensor([1.0 / 3.0])]
+    group.mean_(grads)
+    weights = [torch.linspace(-1, 1, 4)]
+    group.broadcast_(weights)
+    values = np.array([0.25, 0.5, 0.75])
+    return (
+        [g.tolist() for g in grads],
+        weights[0].tolist(),
+        group.mean_metrics({"loss": 1.5, "accuracy": 0.25}),
+        group.gather_shards(values[group.shard(3)], 3).tolist(),
+        group.task_slice(4),
+        group.is_main,
+    )
+
+with process_group() as real:
+    assert real is not SINGLE_PROCESS and real.world_size == 1
+    print(outcome(real) == outcome(SINGLE_PROCESS), outcome(SINGLE_PROCESS))
+"""
+
+
+@pytest.mark.slow
+def test_one_process_collectives_equal_a_real_process_group_of_one() -> None:
+    """`SINGLE_PROCESS` (used when no launch is named) gives what real gloo collectives give in a
+    process group of one, on the same values."""
+    port = free_port()
+    env = process_env(
+        WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    same, shown = result.stdout.split(maxsplit=1)
+    assert same == "True", shown
+    assert "[[-2.5, -1.5, -0.5], [0.5, 1.5, 2.5]]" in shown  # a mean over one process: unchanged
 
 
 # --- the collectives between two real processes (gloo on loopback) ---

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from metafilm.assemble import build_learner
 from metafilm.config import load_config
-from metafilm.train import build_learner, evaluate_checkpoint, train
+from metafilm.evaluation import evaluate_checkpoint
+from metafilm.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.data, pytest.mark.usefixtures("one_thread")]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metafilm.inner import adapt
+from metafilm.inner import inner_loop
 
 SITES = {"a": 3, "b": 2}
 
@@ -31,7 +31,7 @@ def _quadratic(target):
 def test_steps_follow_the_closed_form_with_the_pull_to_identity(differentiate):
     start, target = _deviations(0), _deviations(1)
     lr, film_l2, steps = 0.3, 0.2, 3
-    out = adapt(
+    out = inner_loop(
         start,
         _quadratic(target),
         inner_steps=steps,
@@ -50,7 +50,9 @@ def test_steps_follow_the_closed_form_with_the_pull_to_identity(differentiate):
 
 def test_zero_steps_return_the_starting_deviations():
     start = _deviations(0)
-    out = adapt(start, _quadratic(_deviations(1)), inner_steps=0, inner_lr=1.0, first_order=False)
+    out = inner_loop(
+        start, _quadratic(_deviations(1)), inner_steps=0, inner_lr=1.0, first_order=False
+    )
     assert all(out[s][i] is start[s][i] for s in SITES for i in (0, 1))
 
 
@@ -67,7 +69,7 @@ def test_second_order_differentiates_through_the_inner_gradient_and_first_order_
     target = {"a": (w[0:3], w[3:6]), "b": (w[6:8], w[8:10])}
     grads = {}
     for first_order in (False, True):
-        out = adapt(
+        out = inner_loop(
             start,
             _quadratic(target),
             inner_steps=1,
@@ -91,7 +93,7 @@ def test_first_order_still_passes_the_gradient_to_the_starting_point(differentia
     target, query = _deviations(1), _flat(_deviations(2))
     out = {}
     for first_order in (True, False):
-        adapted = adapt(
+        adapted = inner_loop(
             start,
             _quadratic(target),
             inner_steps=1,
@@ -111,7 +113,7 @@ def test_per_parameter_learning_rates_scale_each_entry_and_receive_gradients(fir
     start, target, query = _deviations(0), _deviations(1), _flat(_deviations(2))
     lrs_flat = torch.linspace(0.1, 1.0, 10, dtype=torch.float64).requires_grad_()
     lrs = {"a": (lrs_flat[0:3], lrs_flat[3:6]), "b": (lrs_flat[6:8], lrs_flat[8:10])}
-    out = adapt(
+    out = inner_loop(
         start,
         _quadratic(target),
         inner_steps=1,
@@ -139,7 +141,7 @@ def test_autograd_and_func_agree_and_work_under_vmap_and_no_grad():
         return lambda d: (_flat(d) * target_flat).sin().sum() + _flat(d).pow(4).sum()
 
     def run(target_flat, differentiate):
-        out = adapt(
+        out = inner_loop(
             start,
             support_loss(target_flat),
             inner_steps=2,
@@ -160,13 +162,13 @@ def test_autograd_and_func_agree_and_work_under_vmap_and_no_grad():
 def test_bad_settings_are_refused_with_a_clear_message():
     start, loss = _deviations(0), _quadratic(_deviations(1))
     with pytest.raises(ValueError, match="inner_steps"):
-        adapt(start, loss, inner_steps=-1, inner_lr=0.1, first_order=False)
+        inner_loop(start, loss, inner_steps=-1, inner_lr=0.1, first_order=False)
     with pytest.raises(ValueError, match="film_l2"):
-        adapt(start, loss, inner_steps=1, inner_lr=0.1, first_order=False, film_l2=-1.0)
+        inner_loop(start, loss, inner_steps=1, inner_lr=0.1, first_order=False, film_l2=-1.0)
     with pytest.raises(ValueError, match="differentiate"):
-        adapt(start, loss, inner_steps=1, inner_lr=0.1, first_order=False, differentiate="jax")
+        inner_loop(start, loss, inner_steps=1, inner_lr=0.1, first_order=False, differentiate="jax")
     with pytest.raises(ValueError, match="per_param_lr"):
-        adapt(
+        inner_loop(
             start,
             loss,
             inner_steps=1,

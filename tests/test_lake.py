@@ -14,11 +14,13 @@ from episodes.integrity import ChecksumError
 from episodes.lake import LakeRuns, load_lake_runs
 from episodes.omniglot import decode_glyph, omniglot_alphabets
 from episodes.sampler import Episode
+from metafilm.assemble import build_learner
 from metafilm.checkpoint import load_checkpoint
 from metafilm.cli import main
 from metafilm.config import config_from_dict
+from metafilm.evaluation import evaluate_lake
 from metafilm.meta import evaluate
-from metafilm.train import build_learner, evaluate_lake, train
+from metafilm.train import train
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,10 @@ from PIL import Image
 
 from episodes.folder import list_folder, load_folder, load_image, split_classes
 from metafilm.cli import main
+from metafilm.errors import TaskModelError
 from metafilm.learner import FiLMLearner
 from metafilm.specs import AdaptSpec, ModelSpec
-from metafilm.task_model import TaskModel, TaskModelError, adapt_task
+from metafilm.task_model import TaskModel, adapt_task
 
 
 def _example_folders():

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from episodes.classes import ClassImages, channel_statistics
 from episodes.sampler import EpisodeSampler, FixedEpisodes, gather
+from metafilm.assemble import build_learner
 from metafilm.backbones import Conv4
 from metafilm.checkpoint import load_checkpoint
 from metafilm.config import ConfigError, PretrainConfig, config_from_dict
@@ -30,7 +31,6 @@ from metafilm.pretrain import (
     total_steps,
 )
 from metafilm.specs import AdaptSpec, ModelSpec, OuterSpec
-from metafilm.train import build_learner
 from tests.test_resume import assert_same_tensors, metafilm
 
 IMAGE = 16

@@ -12,19 +12,19 @@ import pytest
 from PIL import Image
 
 from metafilm.config import config_from_dict, to_toml
+from metafilm.errors import ReportError
+from metafilm.figures import FIGURES
 from metafilm.markers import REPORT_FILES, REPORT_MARKER, SWEEP_MARKER
 from metafilm.report import (
-    FIGURES,
-    ReportError,
     _results,
     accuracy_plot_labels,
-    accuracy_summary,
     evaluation_labels,
     paired_line,
     paired_rows,
-    read_run,
     write_report,
 )
+from metafilm.rundir import evaluation_record, read_run, write_evaluation
+from metafilm.stats import accuracy_summary
 
 SHA = "ab" * 32
 
@@ -32,13 +32,17 @@ SHA = "ab" * 32
 def fake_run(
     root: Path, name: str, evaluations: list[dict], steps: int = 40, val_every: int = 10
 ) -> Path:
-    """A run directory as `metafilm train` and `metafilm evaluate` leave it (no checkpoints)."""
+    """A run directory as `metafilm train` and `metafilm evaluate` leave it (no checkpoints): the
+    evaluation records are written by the evaluation's own writer, of a best.pt at step 30 tested
+    with 3 inner steps on test, 15 query images per class, seed 1, unless `evaluations` say
+    otherwise."""
     run = root / name
     (run / "eval").mkdir(parents=True)
     config = config_from_dict(
         {
             "model": {"width": 16, "film_sites": ["block3", "block4"]},
             "train": {"val_every": val_every},
+            "eval": {"inner_steps": 3},
         }
     )
     (run / "config.toml").write_text(to_toml(config))
@@ -53,26 +57,19 @@ def fake_run(
         rows.append(row)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4')
     for index, evaluation in enumerate(evaluations):
-        record = {
-            "dataset": "omniglot",
-            "split": "test",
-            "query": 15,
-            "episodes": len(evaluation["accuracies"]),
-            "episode_seed": 1,
-            "inner_steps_train": 1,
-            "inner_steps_test": 3,
-            "train_ways": 5,
-            "train_shots": 1,
-            "bn_mode": "episode",
-            "backbone": "conv4",
-            "width": 16,
-            "film_sites": ["block3", "block4"],
-            "checkpoint": "best.pt",
-            "checkpoint_step": 30,
-            "checkpoint_sha256": SHA,
-            **evaluation,
-        }
-        (run / "eval" / f"e{index}.json").write_text(json.dumps(record))
+        protocol = {key: value for key, value in evaluation.items() if key != "accuracies"}
+        protocol = {"split": "test", "query": 15, "episode_seed": 1, **protocol}
+        protocol["episodes"] = len(evaluation["accuracies"])
+        record = evaluation_record(
+            config,
+            protocol,
+            evaluation["accuracies"],
+            film_sites=["block3", "block4"],
+            checkpoint="best.pt",
+            checkpoint_step=30,
+            checkpoint_sha256=SHA,
+        )
+        write_evaluation(run / "eval" / f"e{index}.json", record)
     return run
 
 

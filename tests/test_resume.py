@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,39 +29,29 @@ from metafilm.checkpoint import (
     set_rng_state,
 )
 from metafilm.config import config_from_dict
+from metafilm.errors import DivergedError, RunError
 from metafilm.markers import REPORT_MARKER, RUN_MARKER
-from metafilm.train import (
+from metafilm.rundir import (
     GOOD_CHECKPOINT,
-    DivergedError,
-    RunError,
     RunWriter,
-    _divergence,
     check_run_dir,
     start_run_dir,
     truncate_metrics,
 )
+from metafilm.train import _divergence
 
-TINY = """
-[data]
-ways = 5
-shots = 1
-query = 2
-
-[model]
-width = 8
-
-[outer]
-meta_batch_size = 2
-lr_decay = 0.5          # the schedule is a function of the step: a resumed run follows it too
-lr_decay_every = 7
-
-[train]
-steps = 40
-log_every = 3
-val_every = 10
-val_episodes = 4
-checkpoint_every = 5
-"""
+TINY = {
+    # The learning-rate schedule is a function of the step: a resumed run follows it too.
+    "outer": {"lr_decay": 0.5, "lr_decay_every": 7},
+    "train": {
+        "steps": 40,
+        "log_every": 3,
+        "val_every": 10,
+        "val_episodes": 4,
+        "checkpoint_every": 5,
+    },
+}
+"""This file's settings of the tiny run (`TINY_RUN` in conftest.py)."""
 
 
 def metafilm(
@@ -247,9 +238,9 @@ def test_force_clears_only_what_metafilm_wrote(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def tiny_config(tmp_path: Path) -> Path:
+def tiny_config(tmp_path: Path, tiny_toml: Callable[..., str]) -> Path:
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY)
+    path.write_text(tiny_toml(**TINY))
     return path
 
 
@@ -438,6 +429,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import metafilm.checkpoint as checkpoint
+import metafilm.rundir as rundir
 import metafilm.train as train
 from metafilm.cli import main
 
@@ -450,7 +442,7 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-real_step, real_evaluate, real_save = train.meta_step, train.evaluate, train.save_checkpoint
+real_step, real_evaluate, real_save = train.meta_step, train.evaluate, rundir.save_checkpoint
 
 
 def meta_step(*args, **kwargs):
@@ -486,7 +478,7 @@ def save_checkpoint(path, payload):
     real_save(path, payload)
 
 
-train.meta_step, train.evaluate, train.save_checkpoint = meta_step, evaluate, save_checkpoint
+train.meta_step, train.evaluate, rundir.save_checkpoint = meta_step, evaluate, save_checkpoint
 sys.exit(main(sys.argv[4:]))
 """
 

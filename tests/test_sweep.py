@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from PIL import Image
 
 from metafilm.checkpoint import load_checkpoint
 from metafilm.config import ConfigError, load_config
-from metafilm.report import RunFiles, accuracy_summary
+from metafilm.rundir import RunFiles
+from metafilm.stats import accuracy_summary
 from metafilm.sweep import (
     Arm,
     arm_summary,
@@ -26,29 +28,11 @@ from metafilm.sweep import (
     parse_grid,
 )
 
-TINY = """
-[data]
-ways = 5
-shots = 1
-query = 2
-
-[model]
-width = 8
-
-[outer]
-meta_batch_size = 2
-
-[train]
-steps = 6
-log_every = 2
-val_every = 3
-val_episodes = 4
-checkpoint_every = 2
-
-[eval]
-query = 3
-episodes = 6
-"""
+TINY = {
+    "train": {"steps": 6, "log_every": 2, "val_every": 3, "val_episodes": 4, "checkpoint_every": 2},
+    "eval": {"query": 3, "episodes": 6},
+}
+"""This file's settings of the tiny run (`TINY_RUN` in conftest.py)."""
 
 
 def test_the_grid_is_every_combination_in_order() -> None:
@@ -203,9 +187,9 @@ def test_episodes_of_chosen_alphabets_pair_only_with_the_same_alphabets(tmp_path
 
 
 @pytest.fixture
-def tiny_config(tmp_path: Path) -> Path:
+def tiny_config(tmp_path: Path, tiny_toml: Callable[..., str]) -> Path:
     config = tmp_path / "tiny.toml"
-    config.write_text(TINY)
+    config.write_text(tiny_toml(**TINY))
     return config
 
 
@@ -283,7 +267,11 @@ def test_sweep_trains_evaluates_compares_and_resumes(
 @pytest.mark.slow
 @pytest.mark.data
 def test_an_ablation_is_compared_with_its_base_and_a_changed_config_is_refused(
-    tiny_config: Path, tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
+    tiny_config: Path,
+    tmp_path: Path,
+    data_root: Path,
+    omniglot_cache_dir: Path,
+    tiny_toml: Callable[..., str],
 ) -> None:
     # One inner step is the base config's own setting: two arms, "base" and no inner step.
     config, out = tiny_config, tmp_path / "sweep"
@@ -306,7 +294,7 @@ def test_an_ablation_is_compared_with_its_base_and_a_changed_config_is_refused(
     table = (out / "sweep.md").read_text().split("## Difference from `base`")[1]
     assert "| adapt.inner_steps=0 | " in table and f"{100 * paired.mean():.2f}" in table
 
-    config.write_text(TINY.replace("width = 8", "width = 4"))
+    config.write_text(tiny_toml(**TINY, model={"width": 4}))
     refused = sweep(
         config, out, data_root, omniglot_cache_dir, *ablation, options=("--one-at-a-time",)
     )

@@ -45,7 +45,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from metafilm.backbones import INPUT_MEAN, INPUT_STD, Film
+from metafilm.backbones import Film, InputStandardisation
 from metafilm.film import modulate, resolve_sites
 from metafilm.specs import BatchNormMode
 
@@ -57,7 +57,7 @@ CHANNEL_LAST_NORMS = (nn.LayerNorm, nn.RMSNorm)
 Hook = Callable[[nn.Module, Any, Any], Any]
 
 
-class ModuleBackbone(nn.Module):
+class ModuleBackbone(InputStandardisation):
     """``module`` (images ``[N, in_channels, image_size, image_size]`` in) as a FiLM backbone.
 
     See the module docstring for the sites, bn_mode and FiLM; ``site_dims`` holds the dim of each
@@ -79,10 +79,7 @@ class ModuleBackbone(nn.Module):
         self.module = module
         self.in_channels = in_channels
         self.image_size = image_size
-        self.normalize = normalize
-        if normalize:
-            self.register_buffer(INPUT_MEAN, torch.zeros(in_channels))
-            self.register_buffer(INPUT_STD, torch.ones(in_channels))
+        self._init_standardisation(in_channels, normalize)
         self.site_dims, self.feature_dim = _probe(module, self.prefix_shape(0))
         if not self.site_dims:
             raise ValueError(
@@ -120,14 +117,6 @@ class ModuleBackbone(nn.Module):
         self._check_input(x, end_block)
         return x
 
-    def set_input_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Set the per-channel mean and std that ``normalize`` standardises inputs with."""
-        if not self.normalize:
-            raise ValueError("this backbone does not normalise its inputs (normalize=False)")
-        with torch.no_grad():
-            self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
-            self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype))
-
     def forward(
         self,
         x: Tensor,
@@ -150,8 +139,7 @@ class ModuleBackbone(nn.Module):
                 "do so under vmap: use the 'loop' meta-batch strategy, a frozen backbone, or "
                 "batch norms with track_running_stats=False"
             )
-        if self.normalize:
-            x = (x - self.input_mean.view(1, -1, 1, 1)) / self.input_std.view(1, -1, 1, 1)
+        x = self.standardise(x)
         hooks = {site: partial(_film_hook, self.site_dims[site], *film[site]) for site in film}
         with _forward_hooks(self.module, hooks):
             return self.module(x).flatten(1)

@@ -156,7 +156,31 @@ class ResNet12Block(nn.Module):
         return F.max_pool2d(F.leaky_relu(h, LEAKY_SLOPE), 2)
 
 
-class Backbone(nn.Module, abc.ABC):
+class InputStandardisation(nn.Module):
+    """Per-channel standardisation of input images by buffers that travel with the weights
+    (``normalize=True``): shared by the built-in backbones and a wrapped user's network."""
+
+    def _init_standardisation(self, in_channels: int, normalize: bool) -> None:
+        self.normalize = normalize
+        if normalize:
+            self.register_buffer(INPUT_MEAN, torch.zeros(in_channels))
+            self.register_buffer(INPUT_STD, torch.ones(in_channels))
+
+    def set_input_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Set the per-channel mean and std that ``normalize`` standardises inputs with."""
+        if not self.normalize:
+            raise ValueError("this backbone does not normalise its inputs (normalize=False)")
+        with torch.no_grad():
+            self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
+            self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype))
+
+    def standardise(self, x: Tensor) -> Tensor:
+        if not self.normalize:
+            return x
+        return (x - self.input_mean.view(1, -1, 1, 1)) / self.input_std.view(1, -1, 1, 1)
+
+
+class Backbone(InputStandardisation, abc.ABC):
     """A stack of blocks, each halving the spatial size, with named FiLM sites.
 
     Blocks are indexed from 0 (``block_of``, ``prefix``, ``start_block``); site names count from 1
@@ -193,23 +217,7 @@ class Backbone(nn.Module, abc.ABC):
         self._site_block = {
             site: index for index, block in enumerate(blocks) for site in block.sites
         }
-        self.normalize = normalize
-        if normalize:
-            self.register_buffer(INPUT_MEAN, torch.zeros(in_channels))
-            self.register_buffer(INPUT_STD, torch.ones(in_channels))
-
-    def set_input_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Set the per-channel mean and std that ``normalize`` standardises inputs with."""
-        if not self.normalize:
-            raise ValueError("this backbone does not normalise its inputs (normalize=False)")
-        with torch.no_grad():
-            self.input_mean.copy_(torch.as_tensor(mean, dtype=self.input_mean.dtype))
-            self.input_std.copy_(torch.as_tensor(std, dtype=self.input_std.dtype))
-
-    def _standardise(self, x: Tensor) -> Tensor:
-        if not self.normalize:
-            return x
-        return (x - self.input_mean.view(1, -1, 1, 1)) / self.input_std.view(1, -1, 1, 1)
+        self._init_standardisation(in_channels, normalize)
 
     @property
     def num_blocks(self) -> int:
@@ -243,7 +251,7 @@ class Backbone(nn.Module, abc.ABC):
         self._check_input(x, 0)
         self._check_block_index(end_block, "end_block")
         if end_block > 0:
-            x = self._standardise(x)
+            x = self.standardise(x)
         for block in self.blocks[:end_block]:
             x = block(x, {})
         return x
@@ -268,7 +276,7 @@ class Backbone(nn.Module, abc.ABC):
         self._check_input(x, start_block)
         self._check_film(film, start_block)
         if start_block == 0:
-            x = self._standardise(x)
+            x = self.standardise(x)
         for block in self.blocks[start_block:]:
             x = block(x, film, vmapped)
         return self.embed(x)

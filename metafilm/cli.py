@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import shlex
-import signal
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from episodes import CacheError, ChecksumError, DownloadError, load_omniglot
 from metafilm.checkpoint import load_checkpoint
 from metafilm.config import load_config
-from metafilm.distributed import process_group
+from metafilm.distributed import launched, process_group
 from metafilm.errors import (
     USER_ERRORS,
     CheckpointError,
@@ -45,8 +46,9 @@ from metafilm.predict import (
     write_predictions,
 )
 from metafilm.report import episode_classes, paired_line, write_report
-from metafilm.rundir import LAST, REPORT_DIR, resolve_checkpoint
+from metafilm.rundir import LAST, PRETRAIN_CHECKPOINT, REPORT_DIR, resolve_checkpoint
 from metafilm.stats import accuracy_summary
+from metafilm.stopping import Terminated, handle_signals
 from metafilm.sweep import Arm, run_sweep
 from metafilm.task_model import BATCH_NORM, TaskModel, adapt_checkpoint
 from metafilm.train import pretrain_run, train
@@ -88,6 +90,14 @@ class BarProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class _LineAboveBars(logging.Handler):
+    """Log lines to stderr, each on a line of its own above a progress bar, never appended to it
+    (tqdm clears the bar, writes the line, then draws the bar again)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -470,7 +480,7 @@ def _run_data(args: argparse.Namespace) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
-    out = args.out or RUNS_DIR / args.config.stem
+    out = _run_dir(args)
     with process_group() as processes:
         if not processes.is_main:  # rank 0 speaks for the run; the others only report errors
             logging.getLogger("metafilm").setLevel(logging.WARNING)
@@ -481,6 +491,7 @@ def _run_train(args: argparse.Namespace) -> None:
             force=args.force,
             progress=BarProgress() if processes.is_main else None,
             processes=processes,
+            stop=args.stop,
         )
     if not processes.is_main:
         return
@@ -494,8 +505,15 @@ def _run_train(args: argparse.Namespace) -> None:
 
 def _run_pretrain(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
-    out = args.out or RUNS_DIR / f"{args.config.stem}-pretrain"
-    path = pretrain_run(config, out, resume=args.resume, force=args.force, progress=BarProgress())
+    out = _run_dir(args)
+    path = pretrain_run(
+        config,
+        out,
+        resume=args.resume,
+        force=args.force,
+        progress=BarProgress(),
+        stop=args.stop,
+    )
     print(f"pretrained backbone saved to {path}; use it with --set pretrain.backbone={path}")
 
 
@@ -594,6 +612,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
         one_at_a_time=args.one_at_a_time,
         progress=announce,
         on_arm=show,
+        stop=args.stop,
     )
     print(f"sweep written to {written[0]} (report of every arm in {args.out / 'report'})")
 
@@ -611,29 +630,29 @@ COMMANDS = {
 }
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a job scheduler, `kill`): handled like Ctrl-C."""
+STOP_AT_STEPS = ("train", "pretrain", "sweep")
+"""The commands that, on a first SIGTERM or Ctrl-C, stop at a step boundary with a checkpoint
+(`metafilm.stopping`); the others stop at once. A distributed run stops at once too: its processes
+could not agree on a step to stop at."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
-
-
-def _train_dir(args: argparse.Namespace) -> Path:
-    return args.out or RUNS_DIR / args.config.stem
+def _run_dir(args: argparse.Namespace) -> Path:
+    """The run directory of `train` or `pretrain` (`--out` or its default)."""
+    stem = args.config.stem + ("-pretrain" if args.command == "pretrain" else "")
+    return args.out or RUNS_DIR / stem
 
 
 def _resume_command(args: argparse.Namespace) -> str:
-    """The command line that continues the run `args` started."""
-    words = ["metafilm", "train", str(args.config), "--out", str(_train_dir(args))]
+    """The command line that continues the run `args` started (`train` or `pretrain`)."""
+    words = ["metafilm", args.command, str(args.config), "--out", str(_run_dir(args))]
     for override in args.overrides:
         words += ["--set", override]
     return shlex.join([*words, "--resume"])
 
 
 def _last_checkpoint(args: argparse.Namespace) -> str:
-    """What a run being trained has kept: its last checkpoint and step, if any."""
-    path = _train_dir(args) / LAST
+    """What a run being trained or pretrained has kept: its last checkpoint and step, if any."""
+    path = _run_dir(args) / (LAST if args.command == "train" else PRETRAIN_CHECKPOINT)
     try:
         step = load_checkpoint(path)["step"]
     except CheckpointError:
@@ -643,27 +662,30 @@ def _last_checkpoint(args: argparse.Namespace) -> str:
 
 def _interrupted(args: argparse.Namespace, why: str) -> str:
     """The line printed when a command is interrupted: what is kept and how to go on."""
-    if args.command == "train":
+    if args.command in ("train", "pretrain"):
         return f"metafilm: {why}; {_last_checkpoint(args)}: continue with {_resume_command(args)}"
     if args.command == "sweep":
         return (
             f"metafilm: {why}; finished arms and the last checkpoint of the arm in training "
             f"are kept: run the same metafilm sweep command again to resume"
         )
-    if args.command == "pretrain":
-        return f"metafilm: {why}; pretraining is saved only at its end: run it again with --force"
     return f"metafilm: {why}; every file is written whole, so none is half-written: run it again"
 
 
 def _no_space(args: argparse.Namespace, error: OSError) -> str:
     """The line for a full disk: the file, what is intact, what to do."""
     where = f" writing {error.filename}" if error.filename else ""
-    if args.command == "train":
+    if args.command in ("train", "pretrain"):
         return (
             f"no space left on the device{where}; {_last_checkpoint(args)} (checkpoints are "
             f"replaced atomically): free some space, then continue with {_resume_command(args)}"
         )
     return f"no space left on the device{where}: free some space and run the command again"
+
+
+def _warning_line(message: Warning | str, *where: object, **more: object) -> None:
+    """A library warning on the command line: one line, without the source line it came from."""
+    tqdm.write(f"metafilm: warning: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -674,18 +696,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:  # query paths after an option: metafilm predict RUN --support DIR QUERY...
         args.paths += extra
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LineAboveBars()
     handler.setFormatter(logging.Formatter("%(message)s"))
     loggers = [logging.getLogger(name) for name in ("metafilm", "episodes")]
     for logger in loggers:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    deferred = args.command in STOP_AT_STEPS and not launched(os.environ)
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
-    try:
-        COMMANDS[args.command](args)
+        with handle_signals(deferred) as args.stop, warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            COMMANDS[args.command](args)
     except USER_ERRORS as error:
         print(f"metafilm: error: {error}", file=sys.stderr)
         return 1
@@ -700,8 +721,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_interrupted(args, "interrupted"), file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         for logger in loggers:
             logger.removeHandler(handler)
     return 0

@@ -223,7 +223,15 @@ _POSITIVE = ((lambda v: v > 0), "must be positive")
 
 FLOAT32_MAX = 3.4028234663852886e38
 """The largest float32: every number setting must fit (torch turns them into float32 tensors)."""
+ADAM_LR_MAX = FLOAT32_MAX * (1 - 0.9)
+"""The largest `outer.lr` and `pretrain.lr`: Adam's first step divides it by 1 - beta1 (torch's
+default 0.9, which `metafilm.meta.make_optimizer` keeps), and float32 must hold the quotient."""
 
+_ADAM_LR = (
+    (lambda v: 0 < v <= ADAM_LR_MAX),
+    "must be positive and at most 3.4e37: Adam's first step divides it by 1 - beta1 = 0.1, "
+    "and float32 must hold the result",
+)
 _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.image_size": _at_least(1),
     "data.channels": ((lambda v: v in (1, 3)), "must be 1 (grey) or 3 (RGB)"),
@@ -237,7 +245,7 @@ _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adapt.inner_steps": _NON_NEGATIVE,
     "adapt.inner_lr": _NON_NEGATIVE,
     "adapt.film_l2": _NON_NEGATIVE,
-    "outer.lr": _POSITIVE,
+    "outer.lr": _ADAM_LR,
     "outer.lr_decay": ((lambda v: 0 < v <= 1), "must be in (0, 1]"),
     "outer.lr_decay_every": _NON_NEGATIVE,
     "outer.meta_batch_size": _at_least(1),
@@ -255,7 +263,7 @@ _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pretrain.steps": _at_least(1),
     "pretrain.epochs": _at_least(1),
     "pretrain.batch_size": _at_least(1),
-    "pretrain.lr": _POSITIVE,
+    "pretrain.lr": _ADAM_LR,
     "pretrain.weight_decay": _NON_NEGATIVE,
     "pretrain.label_smoothing": ((lambda v: 0 <= v < 1), "must be in [0, 1)"),
     "pretrain.val_every": _NON_NEGATIVE,

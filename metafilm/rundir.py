@@ -177,7 +177,10 @@ def check_run_dir(run_dir: Path, config: RunConfig, *, resume: bool, force: bool
 
 def start_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
     """Create (or, after `check_run_dir` allowed it, clear of what metafilm wrote) the run
-    directory, mark it as a metafilm run (`RUN_MARKER`) and save the config."""
+    directory, mark it as a metafilm run (`RUN_MARKER`) and save the config. Resuming removes
+    the temporary files of writes that a killed process left unfinished."""
+    if resume:
+        remove_files(written_files(run_dir, (), ()))
     if not resume and is_marked(run_dir, RUN_MARKER):
         kept = clear_run_dir(run_dir)
         if kept:
@@ -238,12 +241,22 @@ def _bad_weight(state: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def kept_checkpoint(run_dir: Path, saved_step: int | None) -> str:
-    """What a diverged run keeps, with the rule that makes it good."""
+    """What a diverged run keeps, with the rule that makes it good, and the checkpoint chosen by
+    validation if there is one (good by that rule, and measured)."""
     if saved_step is None:
-        return f"no checkpoint was written yet ({GOOD_CHECKPOINT})"
-    return (
-        f"the last good checkpoint {run_dir / LAST} (step {saved_step}) is kept ({GOOD_CHECKPOINT})"
-    )
+        kept = f"no checkpoint was written yet ({GOOD_CHECKPOINT})"
+    else:
+        kept = (
+            f"the last good checkpoint {run_dir / LAST} (step {saved_step}) is kept "
+            f"({GOOD_CHECKPOINT})"
+        )
+    if (run_dir / BEST).is_file():
+        best = load_checkpoint(run_dir / BEST)
+        kept += (
+            f"; so is {run_dir / BEST} (step {best['step']}), the best on validation "
+            f"({100 * best['best']:.2f}%)"
+        )
+    return kept
 
 
 class RunWriter:

@@ -42,6 +42,7 @@ from metafilm.rundir import (
     resolve_checkpoint,
 )
 from metafilm.stats import accuracy_summary
+from metafilm.stopping import StopRequest
 from metafilm.train import train
 
 SUMMARY_FIGURE = "sweep_accuracy.png"
@@ -273,10 +274,12 @@ def run_sweep(
     one_at_a_time: bool = False,
     progress: Callable[[Arm], Progress | None] | None = None,
     on_arm: Callable[[Arm, dict[str, Any]], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> list[Path]:
     """Train, evaluate (validation and test splits) and compare every arm of `grid` (see the
     module docstring); return the files of the comparison (`sweep.md`, `sweep.json`, the plot,
-    then the full report of all arms in `OUT/report`)."""
+    then the full report of all arms in `OUT/report`). A due `stop` ends the sweep at the next
+    step of training or between evaluations, with every finished file kept."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,9 +302,12 @@ def run_sweep(
                 run_dir,
                 resume=(run_dir / CONFIG_FILE).is_file(),
                 progress=None if progress is None else progress(arm),
+                stop=stop,
             )
         checkpoint = resolve_checkpoint(run_dir)
         for split in dict.fromkeys((config.data.val_split, config.eval.split)):
+            if stop is not None and stop.due():
+                stop.stop()
             evaluate_checkpoint(checkpoint, {"split": split}, skip_existing=True)
         runs.append(read_run(run_dir))
         row = arm_summary(arm, runs[-1])

@@ -95,6 +95,7 @@ from metafilm.rundir import (
 )
 from metafilm.specs import AdaptSpec
 from metafilm.stats import mean_ci
+from metafilm.stopping import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,15 @@ def validate(
     return processes.gather_shards(mine, len(source))
 
 
+def _validating(done: int, share: int, progress: Progress | None, stop: StopRequest | None) -> None:
+    """After each batch of a validation: show how far it has come; abandon it when a stop is due
+    (the step is then not saved: the run resumes from its last checkpoint and repeats it)."""
+    if stop is not None and stop.due():
+        stop.stop()
+    if progress is not None:
+        progress.note(f"validating: {done}/{share} episodes")
+
+
 def _standardise_inputs(learner: FiLMLearner, config: RunConfig, classes: ClassImages) -> None:
     """With `data.normalize`, give the backbone the training split's per-channel statistics
     (they travel with its weights in every checkpoint and backbone file)."""
@@ -220,13 +230,15 @@ def pretrain(
     progress: Progress | None = None,
     *,
     write: bool = True,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
     """Pretrain `learner.backbone` in place (`metafilm.pretrain`), continuing from
     `run_dir/pretrain.pt` if an earlier attempt wrote it; return the backbone file's payload.
 
     With `write`, checkpoints go to `pretrain.pt` every `pretrain.checkpoint_every` steps and
     rows (mean loss and accuracy since the last row, learning rate, validation accuracy) to
-    `pretrain_metrics.jsonl` every `train.log_every` steps.
+    `pretrain_metrics.jsonl` every `train.log_every` steps. When `stop` is due at the end of a
+    step, that step's checkpoint is written and pretraining stops (`metafilm.stopping`).
     """
     settings, classes = config.pretrain, sources.train_classes
     total = total_steps(settings, len(classes.images))
@@ -264,6 +276,9 @@ def pretrain(
         if pending and writer is not None:
             writer.row({"step": now.step, "wall_time": round(now.wall_time, 3), **pending})
         pending.clear()
+        if stop is not None and stop.due():
+            on_checkpoint(now)
+            stop.stop()
 
     try:
         state = pretrain_backbone(
@@ -321,6 +336,7 @@ def _pretrain_into_run(
     progress: Progress | None,
     *,
     write: bool,
+    stop: StopRequest | None = None,
 ) -> None:
     """The run's own pretrained backbone: `backbone.pt` if an earlier attempt wrote it, else
     pretrain now (resuming from `pretrain.pt`) and, if `write`, write it."""
@@ -329,7 +345,7 @@ def _pretrain_into_run(
         log.info(f"using the pretrained backbone {own}")
         load_backbone(learner, own)
     else:
-        payload = pretrain(config, learner, sources, run_dir, progress, write=write)
+        payload = pretrain(config, learner, sources, run_dir, progress, write=write, stop=stop)
         if write:
             save_checkpoint(own, payload)
 
@@ -367,9 +383,11 @@ def train(
     force: bool = False,
     progress: Progress | None = None,
     processes: Distributed = SINGLE_PROCESS,
+    stop: StopRequest | None = None,
 ) -> TrainResult:
     """Meta-train as `config` says into `run_dir` (see the module docstring), as one process of
-    `processes` (give `progress` to rank 0 only).
+    `processes` (give `progress` to rank 0 only). When `stop` is due at the end of a step, the
+    step's checkpoint is written (`last.pt`) and the run stops (`metafilm.stopping`).
 
     Everything is checked before the run directory changes: the split of the meta-batch over the
     processes, the run directory, the data (split sizes against the episode shapes), the model
@@ -395,7 +413,9 @@ def train(
         start_run_dir(run_dir, config, resume=resume)
     processes.barrier()
     if fresh and config.pretrain.enabled and not config.pretrain.backbone:
-        _pretrain_into_run(config, learner, run_dir, sources, progress, write=processes.is_main)
+        _pretrain_into_run(
+            config, learner, run_dir, sources, progress, write=processes.is_main, stop=stop
+        )
     optimizer = make_optimizer(learner, config.outer)
     aux_classifier = None
     if config.outer.aux_weight > 0:  # TADAM's co-training head: a training device, not the model
@@ -483,11 +503,7 @@ def train(
                     validation_inputs,
                     config.adapt,
                     processes,
-                    on_done=None
-                    if progress is None
-                    else lambda done, share=share: progress.note(
-                        f"validating: {done}/{share} episodes"
-                    ),
+                    on_done=lambda done, share=share: _validating(done, share, progress, stop),
                 )
                 mean, ci95 = mean_ci(accuracies)
                 row.update(val_accuracy=mean, val_ci95=ci95)
@@ -496,7 +512,8 @@ def train(
             elapsed += time.perf_counter() - started
             if row and writer is not None:
                 writer.row({"step": step, "wall_time": round(elapsed, 3), **row})
-            save_last = step % settings.checkpoint_every == 0 or last_step
+            stopping = stop is not None and stop.due()
+            save_last = step % settings.checkpoint_every == 0 or last_step or stopping
             if writer is not None and (improved or save_last):
                 payload = {
                     "kind": "train",
@@ -519,6 +536,8 @@ def train(
                 saved_step = step
             if progress is not None:
                 progress.update(step, metrics)
+            if stopping:
+                stop.stop()
     finally:
         if writer is not None:
             writer.close()
@@ -560,9 +579,11 @@ def pretrain_run(
     resume: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    stop: StopRequest | None = None,
 ) -> Path:
     """Pretrain a backbone into `run_dir/backbone.pt`, for `pretrain.backbone` of later runs
-    (frozen or outer-trained); `resume` continues from `pretrain.pt` after an interruption."""
+    (frozen or outer-trained); `resume` continues from `pretrain.pt` after an interruption (or a
+    `stop`, as in `pretrain`)."""
     run_dir = Path(run_dir)
     config = dataclasses.replace(
         config, pretrain=dataclasses.replace(config.pretrain, enabled=True)
@@ -576,5 +597,5 @@ def pretrain_run(
     )
     _standardise_inputs(learner, config, sources.train_classes)
     start_run_dir(run_dir, config, resume=resume)
-    _pretrain_into_run(config, learner, run_dir, sources, progress, write=True)
+    _pretrain_into_run(config, learner, run_dir, sources, progress, write=True, stop=stop)
     return run_dir / BACKBONE

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -17,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import torch
 from PIL import Image
 
 from metafilm.checkpoint import MAGIC, load_checkpoint, save_checkpoint
-from metafilm.cli import build_parser, main
+from metafilm.cli import COMMANDS, BarProgress, build_parser, main
 from metafilm.config import config_from_dict, load_config, to_toml
 from metafilm.evaluation import _with_progress
 from metafilm.report import FIGURES
@@ -562,7 +564,16 @@ def test_a_number_float32_cannot_hold_is_refused_with_its_key(
         "use a smaller value"
     )
     assert not run.exists()
-    assert load_config(QUICKSTART, ["outer.lr=3.4e38"]).outer.lr == 3.4e38
+    assert load_config(QUICKSTART, ["model.metric_scale=3.4e38"]).model.metric_scale == 3.4e38
+    # Adam divides the learning rate by 1 - beta1 = 0.1 at its first step (3.5e37 overflowed)
+    too_large = ["--out", run, "--set", "outer.lr=3.5e37"]
+    message = in_process_error(capsys, "train", QUICKSTART, *too_large)
+    assert message.endswith(
+        "outer.lr = 3.5e+37 must be positive and at most 3.4e37: Adam's first step divides it by "
+        "1 - beta1 = 0.1, and float32 must hold the result"
+    )
+    assert not run.exists()
+    assert load_config(QUICKSTART, ["outer.lr=3.4e37"]).outer.lr == 3.4e37
     message = in_process_error(capsys, "train", QUICKSTART, "--set", "adapt.inner_lr=-1e39")
     assert "adapt.inner_lr = -1e+39 is beyond what float32" in message
 
@@ -668,7 +679,8 @@ def test_sigterm_stops_like_an_interruption_and_says_how_to_resume(
 ) -> None:
     config, run = tmp_path / "tiny.toml", tmp_path / "run"
     config.write_text(tiny_toml(**TINY))
-    steps = ["--set", "train.steps=400"]
+    # No scheduled checkpoint before step 1000: the one kept is the one the stop wrote.
+    steps = ["--set", "train.steps=400", "--set", "train.checkpoint_every=1000"]
     env = {
         **os.environ,
         "METAFILM_DATA_ROOT": str(data_root),
@@ -678,15 +690,20 @@ def test_sigterm_stops_like_an_interruption_and_says_how_to_resume(
     command = [sys.executable, "-m", "metafilm", "train", str(config), "--out", str(run), *steps]
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while not (run / "last.pt").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
+    metrics = run / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, "no metrics in time"
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143 and "Traceback" not in stderr
     kept = load_checkpoint(run / "last.pt")["step"]
-    assert 4 <= kept < 400
-    resume = f"metafilm train {config} --out {run} --set train.steps=400 --resume"
+    assert 3 <= kept < 400
+    assert "metafilm: stopping once this step and its checkpoint are done" in stderr
+    resume = (
+        f"metafilm train {config} --out {run} --set train.steps=400 --set "
+        f"train.checkpoint_every=1000 --resume"
+    )
     assert stderr.splitlines()[-1] == (
         f"metafilm: terminated (SIGTERM); its last checkpoint {run / 'last.pt'} (step {kept}) is "
         f"intact: continue with {resume}"
@@ -775,3 +792,26 @@ def test_a_long_run_says_how_long_it_will_take(
     lines = [r.message for r in caplog.records if "steps take about" in r.message]
     assert len(lines) == 1 and "the remaining 3 steps take about" in lines[0], lines
     assert training._duration(3900) == "1 h 05 min" and training._duration(420) == "7 min"
+
+
+def test_log_lines_and_warnings_get_lines_of_their_own_under_a_progress_bar(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Written to a file, stderr keeps every message on its own line (as the terminal shows it:
+    what follows the last carriage return), never glued to the bar; a warning is one line."""
+
+    def command(args: object) -> None:
+        bar = BarProgress()
+        bar.start("train", 0, 10)
+        bar.update(3, {"loss": 1.0, "accuracy": 0.5})
+        logging.getLogger("metafilm.train").info("the remaining 7 steps take about 1 minute")
+        warnings.warn("cache x is damaged; rebuilding it", stacklevel=1)
+        bar.update(4, {"loss": 1.0, "accuracy": 0.5})
+        bar.close()
+
+    monkeypatch.setitem(COMMANDS, "data", command)
+    assert main(["data"]) == 0
+    shown = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n")]
+    assert "the remaining 7 steps take about 1 minute" in shown
+    assert "metafilm: warning: cache x is damaged; rebuilding it" in shown
+    assert not [line for line in shown if "UserWarning" in line or "warnings.warn" in line]

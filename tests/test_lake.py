@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from episodes.integrity import ChecksumError
 from episodes.lake import LakeRuns, load_lake_runs
 from episodes.omniglot import decode_glyph, omniglot_alphabets
 from episodes.sampler import Episode
+from metafilm import evaluation
 from metafilm.assemble import build_learner
 from metafilm.checkpoint import load_checkpoint
 from metafilm.cli import main
@@ -225,3 +227,31 @@ def test_held_out_alphabets_are_evaluated_within_alphabet(trained_run: Path) -> 
     assert "| background (5 alphabets), within alphabet |" in report
     assert "| background (5 alphabets) |" in report
     assert main([*common[:-6], "--alphabets", "Klingon"]) == 1
+
+
+@pytest.mark.data
+def test_a_run_not_trained_on_the_background_alphabets_alone_is_warned_about(
+    trained_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same checkpoint, its config read as if it had trained on the Vinyals train split: the
+    Lake evaluation still runs, and says that its error rate is not comparable."""
+    run = shutil.copytree(trained_run, tmp_path / "run")  # the records written stay here
+    real_load = evaluation._load
+
+    def load_as_vinyals(*args: object) -> object:
+        loaded = real_load(*args)
+        data = replace(loaded.config.data, train_split="train", val_split="val")
+        return replace(loaded, config=replace(loaded.config, data=data))
+
+    assert evaluate_lake(run / "best.pt") is not None
+    assert "challenge's protocol" not in caplog.text
+    monkeypatch.setattr(evaluation, "_load", load_as_vinyals)
+    evaluate_lake(run / "best.pt")
+    assert (
+        "warning: this run learned from the split(s) 'train', 'val', not the background alphabets "
+        'alone as the challenge\'s protocol asks (data.train_split = "background"): its error '
+        "rate is not comparable with the published ones"
+    ) in caplog.text

@@ -242,27 +242,39 @@ val_episodes = 10
 
 
 @pytest.mark.slow
-def test_kill_9_during_pretraining_then_resume_gives_bit_identical_weights(
-    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_pretraining_killed_or_stopped_then_resumed_gives_bit_identical_weights(
+    tmp_path: Path, data_root: Path, omniglot_cache_dir: Path, stop: int
 ) -> None:
+    """kill -9 after a checkpoint at step 25 or later; or SIGTERM with no checkpoint scheduled
+    before the end, so that the one kept is the one the stop wrote at its step."""
     dirs = {"data_root": data_root, "cache_dir": omniglot_cache_dir}
     config = tmp_path / "pretrain.toml"
-    config.write_text(TINY_PRETRAIN)
+    if stop == signal.SIGKILL:
+        config.write_text(TINY_PRETRAIN)
+    else:
+        config.write_text(TINY_PRETRAIN.replace("checkpoint_every = 5", "checkpoint_every = 1000"))
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     done = metafilm("pretrain", config, "--out", whole, **dirs)
     assert done.returncode == 0, done.stderr
 
     process = metafilm("pretrain", config, "--out", killed, wait=False, **dirs)
     deadline = time.monotonic() + 240
-    checkpoint = killed / "pretrain.pt"
-    while not checkpoint.exists() or load_checkpoint(checkpoint)["step"] < 25:
-        assert process.poll() is None, "pretraining ended before it could be killed"
+    checkpoint, metrics = killed / "pretrain.pt", killed / "pretrain_metrics.jsonl"
+
+    def ready() -> bool:
+        if stop == signal.SIGTERM:
+            return metrics.exists() and bool(metrics.read_text())
+        return checkpoint.exists() and load_checkpoint(checkpoint)["step"] >= 25
+
+    while not ready():
+        assert process.poll() is None, "pretraining ended before it could be stopped"
         assert time.monotonic() < deadline, "no checkpoint within the time limit"
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(stop)
+    assert process.wait() == (143 if stop == signal.SIGTERM else -signal.SIGKILL)
     assert not (killed / "backbone.pt").exists()
-    assert 25 <= load_checkpoint(checkpoint)["step"] < 60
+    assert (10 if stop == signal.SIGTERM else 25) <= load_checkpoint(checkpoint)["step"] < 60
 
     resumed = metafilm("pretrain", config, "--out", killed, "--resume", **dirs)
     assert resumed.returncode == 0, resumed.stderr

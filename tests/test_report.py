@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from metafilm.cli import main
 from metafilm.config import config_from_dict, to_toml
 from metafilm.errors import ReportError
 from metafilm.figures import FIGURES
@@ -258,6 +259,20 @@ def test_a_report_replaces_only_an_earlier_report(tmp_path: Path) -> None:
     write_report([run], out)  # its own earlier report: replaced
     assert (out / "report.md").read_text().startswith("# metafilm report")
     assert (out / REPORT_MARKER).is_file() and a_file.read_text() == "keep"
+
+
+def test_the_command_says_when_it_replaced_an_earlier_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = fake_run(tmp_path, "run", [{"ways": 5, "shots": 1, "accuracies": [0.5, 0.7]}])
+    out = tmp_path / "report"
+    files = "(report.json, training_curves.png, accuracy.png, film_diagnostics.png)"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"report written to {out / 'report.md'} {files}\n"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == (
+        f"report written to {out / 'report.md'} {files}; it replaced the earlier report there\n"
+    )
 
 
 def test_the_committed_reports_can_be_rewritten_by_the_commands_that_wrote_them() -> None:

@@ -1,0 +1,310 @@
+"""The miniImageNet FiLM study's report, claim by claim, from the runs of
+scripts/miniimagenet_study.sh: for each claim, the paired differences (same 600 episodes) that test
+it at 1 and 5 shots on val and test, the seed spread they are judged against, a verdict and a plot.
+
+    python scripts/miniimagenet_study_report.py RUNS_DIR REPORT_DIR
+
+Verdict rule, per comparison and shot (`judge`): a difference is an effect when on test it is
+larger than the seed spread (the largest distance of the reseeded base arms from seed 0 on the
+same episodes) and its 95% CI excludes 0, and val agrees in sign. A claim that predicts a sign is
+confirmed by an effect of that sign, refuted by one of the other, and unclear without an effect; a
+claim of "about equal" is confirmed without an effect and refuted by one. Outer-trained arms were
+not reseeded: they are judged against the frozen arms' spread, a lower bound of their own.
+Everything is chosen and judged on these rules before the numbers were seen; test is never used to
+choose.
+
+Writes REPORT_DIR/claims.md, claims.json, claim<N>.png, and each sweep's own comparison
+(sweep.md, sweep.json, its plot, the full report of every arm) under REPORT_DIR/<sweep>/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metafilm.errors import ReportError
+from metafilm.report import paired_differences
+from metafilm.rundir import RunFiles, read_run
+
+SHOTS = (1, 5)
+SPLITS = ("test", "val")
+SWEEPS = ("frozen", "linear", "outer")
+
+
+def outer(encoder: str, aux: str, sites: str = '["block4"]') -> str:
+    """The name of an arm of the outer sweep's grid."""
+    return f"outer/model.encoder={encoder},outer.aux_weight={aux},model.film_sites={sites}"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Arm `a` minus arm `b` (`sweep/arm` names); `expect` is the sign the claim predicts for
+    a - b (+1, -1), 0 for "about equal", None when the comparison only informs."""
+
+    text: str
+    a: str
+    b: str
+    expect: int | None
+
+
+@dataclass(frozen=True)
+class Claim:
+    title: str
+    source: str
+    comparisons: tuple[Comparison, ...]
+
+
+CLAIMS = (
+    Claim(
+        "A learned metric scale beats a fixed one",
+        "TADAM",
+        (Comparison("learned − fixed", "frozen/base", "frozen/model.learn_metric_scale=false", 1),),
+    ),
+    Claim(
+        "A linear predictor of the deviations beats a deeper one; a task encoder helps",
+        "the seed; TADAM",
+        (
+            Comparison("linear − MLP", "frozen/base", "frozen/model.encoder=mlp", 1),
+            Comparison("linear − no encoder", "frozen/base", "frozen/model.encoder=none", 1),
+        ),
+    ),
+    Claim(
+        "Task conditioning alone hurts; with auxiliary co-training it helps",
+        "TADAM",
+        (
+            Comparison(
+                "encoder − none, no co-training", outer("linear", "0"), outer("none", "0"), -1
+            ),
+            Comparison(
+                "encoder − none, co-training", outer("linear", "1.0"), outer("none", "1.0"), 1
+            ),
+            Comparison(
+                "encoder − none, no co-training, FiLM on all blocks",
+                outer("linear", "0", "all"),
+                outer("none", "0", "all"),
+                -1,
+            ),
+            Comparison(
+                "encoder − none, co-training, FiLM on all blocks",
+                outer("linear", "1.0", "all"),
+                outer("none", "1.0", "all"),
+                1,
+            ),
+        ),
+    ),
+    Claim(
+        "Gradient steps on the deviations help beyond amortised prediction; first order is enough",
+        "CAVIA",
+        (
+            Comparison("cosine head: 1 step − 0", "frozen/base", "frozen/adapt.inner_steps=0", 1),
+            Comparison("cosine head: 5 steps − 1", "frozen/adapt.inner_steps=5", "frozen/base", 1),
+            Comparison("linear head: 1 step − 0", "linear/base", "linear/adapt.inner_steps=0", 1),
+            Comparison("linear head: 5 steps − 1", "linear/adapt.inner_steps=5", "linear/base", 1),
+            Comparison("first − second order", "frozen/adapt.first_order=true", "frozen/base", 0),
+        ),
+    ),
+    Claim(
+        "FiLM overfits unless its deviations are regularised toward identity",
+        "the seed",
+        (
+            Comparison("L2 1e-3 − none", "frozen/base", "frozen/outer.film_l2=0", 1),
+            Comparison("L2 1e-4 − none", "frozen/outer.film_l2=1e-4", "frozen/outer.film_l2=0", 1),
+            Comparison("L2 1e-2 − 1e-3", "frozen/outer.film_l2=1e-2", "frozen/base", None),
+            Comparison("L2 1e-1 − 1e-3", "frozen/outer.film_l2=1e-1", "frozen/base", None),
+        ),
+    ),
+    Claim(
+        "One FiLM layer does about as well as four",
+        "the seed",
+        (
+            Comparison(
+                "frozen: block 3 − block 4", 'frozen/model.film_sites=["block3"]', "frozen/base", 0
+            ),
+            Comparison(
+                "outer-trained: all four − block 4",
+                outer("linear", "0", "all"),
+                outer("linear", "0"),
+                0,
+            ),
+        ),
+    ),
+    Claim(
+        "Frozen backbone with cached prefix against outer-trained, at about equal wall-clock",
+        "the cost a user chooses",
+        (Comparison("outer-trained − frozen", outer("linear", "0"), "frozen/base", None),),
+    ),
+)
+
+
+def label(split: str, shots: int) -> str:
+    """The evaluation label of the study's protocol (`metafilm.report.evaluation_label`)."""
+    return f"{split} 5-way {shots}-shot"
+
+
+def judge(
+    differences: dict[str, dict[str, Any]], spread: dict[str, float], shots: int, expect: int | None
+) -> str:
+    """The verdict of one comparison at `shots` (see the module docstring): "confirmed",
+    "refuted", "unclear", or "informs" when the claim predicts nothing of it."""
+    test, val = differences[label("test", shots)], differences[label("val", shots)]
+    effect = (
+        abs(test["mean"]) > spread[label("test", shots)]
+        and abs(test["mean"]) > test["ci95"]
+        and test["mean"] * val["mean"] > 0
+    )
+    if expect is None:
+        return "informs"
+    if expect == 0:
+        return "refuted" if effect else "confirmed"
+    if not effect:
+        return "unclear"
+    return "confirmed" if test["mean"] * expect > 0 else "refuted"
+
+
+def claim_verdict(verdicts: list[str]) -> str:
+    """A claim's verdict from its comparisons' (every shot): one word when they agree."""
+    judged = {verdict for verdict in verdicts if verdict != "informs"}
+    if not judged:
+        return "informs"
+    return judged.pop() if len(judged) == 1 else "mixed: " + ", ".join(sorted(judged))
+
+
+def seed_spread(base: RunFiles, reseeded: list[RunFiles]) -> dict[str, float]:
+    """Per evaluation label, the largest |paired difference| of a reseeded base from seed 0."""
+    spread: dict[str, float] = {}
+    for run in reseeded:
+        for name, summary in paired_differences(run, base).items():
+            spread[name] = max(spread.get(name, 0.0), abs(summary["mean"]))
+    return spread
+
+
+def _points(summary: dict[str, Any]) -> str:
+    return f"{100 * summary['mean']:+.2f} ± {100 * summary['ci95']:.2f}"
+
+
+def _plot(claim: Claim, rows: list[dict[str, Any]], spread: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(SHOTS), figsize=(11, 1.2 + 0.55 * len(rows)), sharey=True)
+    for axis, shots in zip(axes, SHOTS, strict=True):
+        for y, row in enumerate(rows):
+            for offset, split in ((-0.15, "test"), (0.15, "val")):
+                summary = row["differences"][label(split, shots)]
+                axis.errorbar(
+                    100 * summary["mean"],
+                    y + offset,
+                    xerr=100 * summary["ci95"],
+                    fmt="o" if split == "test" else "s",
+                    color="C0" if split == "test" else "C1",
+                    label=split if y == 0 else None,
+                )
+        noise = 100 * spread[label("test", shots)]
+        axis.axvspan(-noise, noise, color="0.85", label="seed spread (test)")
+        axis.axvline(0, color="0.4", linewidth=0.8)
+        axis.set_title(f"5-way {shots}-shot")
+        axis.set_xlabel("paired difference (points)")
+        axis.set_yticks(range(len(rows)), [row["text"] for row in rows])
+    axes[0].invert_yaxis()
+    axes[-1].legend(loc="lower right", fontsize=8)
+    figure.suptitle(claim.title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _read(runs_dir: Path, name: str, cache: dict[str, RunFiles]) -> RunFiles:
+    if name not in cache:
+        cache[name] = read_run(runs_dir / name)
+    return cache[name]
+
+
+def write(runs_dir: Path, out: Path) -> Path:
+    """Write the study's report from `runs_dir` into `out`; return the Markdown file."""
+    runs: dict[str, RunFiles] = {}
+    base = _read(runs_dir, "frozen/base", runs)
+    reseeded = [_read(runs_dir, f"frozen/train.seed={seed}", runs) for seed in (1, 2)]
+    spread = seed_spread(base, reseeded)
+    lines = [
+        "# The FiLM study on miniImageNet: the claims",
+        "",
+        "Produced by `python scripts/miniimagenet_study_report.py` from the runs of "
+        "`scripts/miniimagenet_study.sh`. Paired differences in points (a − b on the same 600 "
+        "episodes, mean ± 95% CI), test / val. The verdict rule is in the script's docstring: "
+        "an effect must exceed the seed spread on test, exclude 0 and agree in sign on val.",
+        "",
+        "Seed spread (largest distance of the base retrained with seeds 1 and 2 from seed 0): "
+        + ", ".join(f"{name} {100 * value:.2f}" for name, value in sorted(spread.items())),
+        "",
+    ]
+    document: dict[str, Any] = {"seed_spread": spread, "claims": []}
+    for number, claim in enumerate(CLAIMS, 1):
+        rows, verdicts = [], []
+        for comparison in claim.comparisons:
+            a, b = _read(runs_dir, comparison.a, runs), _read(runs_dir, comparison.b, runs)
+            differences = paired_differences(a, b)
+            judged = {
+                shots: judge(differences, spread, shots, comparison.expect) for shots in SHOTS
+            }
+            verdicts += judged.values()
+            rows.append(
+                {
+                    "text": comparison.text,
+                    "a": comparison.a,
+                    "b": comparison.b,
+                    "expect": comparison.expect,
+                    "differences": differences,
+                    "verdicts": judged,
+                    "wall_time_s": {
+                        "a": a.metrics[-1].get("wall_time") if a.metrics else None,
+                        "b": b.metrics[-1].get("wall_time") if b.metrics else None,
+                    },
+                }
+            )
+        verdict = claim_verdict(verdicts)
+        figure = out / f"claim{number}.png"
+        out.mkdir(parents=True, exist_ok=True)
+        _plot(claim, rows, spread, figure)
+        document["claims"].append({"title": claim.title, "verdict": verdict, "rows": rows})
+        lines += [
+            f"## {number}. {claim.title} ({claim.source}): **{verdict}**",
+            "",
+            "| comparison | 1-shot test | 1-shot val | 5-shot test | 5-shot val | verdict 1 / 5 "
+            "| time a / b (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            cells = [_points(row["differences"][label(s, n)]) for n in SHOTS for s in SPLITS]
+            times = " / ".join(
+                "–" if t is None else f"{t:.0f}" for t in row["wall_time_s"].values()
+            )
+            lines.append(
+                f"| {row['text']} | {' | '.join(cells)} | {row['verdicts'][1]} / "
+                f"{row['verdicts'][5]} | {times} |"
+            )
+        lines += ["", f"![claim {number}]({figure.name})", ""]
+    for sweep in SWEEPS:
+        target = out / sweep
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("sweep.md", "sweep.json", "sweep_accuracy.png"):
+            shutil.copy2(runs_dir / sweep / name, target / name)
+        shutil.copytree(runs_dir / sweep / "report", target / "report", dirs_exist_ok=True)
+    (out / "claims.json").write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    (out / "claims.md").write_text("\n".join(lines), encoding="utf-8")
+    return out / "claims.md"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python scripts/miniimagenet_study_report.py RUNS_DIR REPORT_DIR")
+    try:
+        print(f"claims written to {write(Path(sys.argv[1]), Path(sys.argv[2]))}")
+    except ReportError as error:
+        print(f"miniimagenet_study_report: error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from metafilm.errors import ReportError
-from metafilm.report import paired_differences
+from metafilm.report import paired_differences, setting_label
 from metafilm.rundir import RunFiles, read_run
 
 SHOTS = (1, 5)
@@ -142,7 +142,7 @@ CLAIMS = (
 
 def label(split: str, shots: int) -> str:
     """The evaluation label of the study's protocol (`metafilm.report.evaluation_label`)."""
-    return f"{split} 5-way {shots}-shot"
+    return f"{split} {setting_label({'ways': 5, 'shots': shots})}"
 
 
 def judge(
@@ -244,6 +244,7 @@ def write(runs_dir: Path, out: Path) -> Path:
         "",
     ]
     document: dict[str, Any] = {"seed_spread": spread, "claims": []}
+    out.mkdir(parents=True, exist_ok=True)
     for number, claim in enumerate(CLAIMS, 1):
         rows, verdicts = [], []
         for comparison in claim.comparisons:
@@ -269,7 +270,6 @@ def write(runs_dir: Path, out: Path) -> Path:
             )
         verdict = claim_verdict(verdicts)
         figure = out / f"claim{number}.png"
-        out.mkdir(parents=True, exist_ok=True)
         _plot(claim, rows, spread, figure)
         document["claims"].append({"title": claim.title, "verdict": verdict, "rows": rows})
         lines += [

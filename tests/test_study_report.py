@@ -8,13 +8,14 @@ import json
 import re
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from metafilm.config import load_config, to_toml
+from metafilm.config import RunConfig, load_config, to_toml
 from metafilm.rundir import evaluation_record, write_evaluation
-from metafilm.sweep import grid_arms, parse_grid
+from metafilm.sweep import Arm, grid_arms, one_at_a_time_arms, parse_grid
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 CONFIGS = SCRIPTS.parent / "configs" / "study"
@@ -61,6 +62,11 @@ def test_a_claim_verdict_is_one_word_when_its_comparisons_agree() -> None:
     assert study.claim_verdict(["unclear", "confirmed"]) == "mixed: confirmed, unclear"
 
 
+def _arm_config(config: Path, sets: list[str], arm: Arm) -> RunConfig:
+    """An arm's config as `metafilm sweep` loads it."""
+    return load_config(config, [*sets, *arm.settings])
+
+
 def _sweep_arms(script: str) -> set[str]:
     """`sweep/arm` of every arm that the study script's sweeps train, read from the script."""
     text = script.replace("\\\n", " ")
@@ -74,14 +80,15 @@ def _sweep_arms(script: str) -> set[str]:
         if "metafilm sweep" not in line:
             continue
         words = shlex.split(line)
-        grid = [words[i + 1] for i, word in enumerate(words) if word == "--grid"]
+        config = SCRIPTS.parent / words[words.index("sweep") + 1]
+        sets = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
+        axes = parse_grid([words[i + 1] for i, word in enumerate(words) if word == "--grid"])
         out = words[words.index("--out") + 1].split("/")[-1]
-        axes = parse_grid(grid)
         if "--one-at-a-time" in words:
-            names = ["base"] + [f"{key}={value}" for key, values in axes for value in values]
+            found = one_at_a_time_arms(axes, partial(_arm_config, config, sets))
         else:
-            names = [arm.name for arm in grid_arms(axes)]
-        arms |= {f"{out}/{name}" for name in names}
+            found = grid_arms(axes)
+        arms |= {f"{out}/{arm.name}" for arm in found}
     return arms
 
 

@@ -9,7 +9,9 @@
 #            steps and their order, the FiLM L2 over three orders of magnitude, FiLM at block 3.
 #            The backbone is frozen and FiLM acts on its last blocks, so blocks 1-2 (or 1-3) run
 #            once per image (cached prefix): an arm costs minutes.
-#   linear:  the same with the CAVIA-style linear head, inner steps 0, 1, 5.
+#   linear:  the same with the CAVIA-style linear head, inner steps 0, 1, 5, at CAVIA's inner lr
+#            of 1.0 (a shared linear head learns nothing about a task's labels unless the inner
+#            step moves FiLM far enough: at the base's 0.1 it stayed at chance for 100 steps).
 #   outer:   configs/study/miniimagenet-study-outer.toml, the whole backbone fine-tuned by
 #            episodes: task encoder on/off x TADAM's auxiliary co-training off/on x FiLM on block 4
 #            or on all four blocks (a full grid).
@@ -55,7 +57,7 @@ outer=(
 lane1=$!
 (
     OMP_NUM_THREADS=1 metafilm sweep configs/study/miniimagenet-study.toml --one-at-a-time \
-        --set model.head=linear --grid "adapt.inner_steps=0,5" \
+        --set model.head=linear --set adapt.inner_lr=1.0 --grid "adapt.inner_steps=0,5" \
         --out "$runs/linear" > "$runs/linear.log" 2>&1
     OMP_NUM_THREADS=1 metafilm sweep configs/study/miniimagenet-study-outer.toml "${outer[@]}" \
         --out "$runs/outer" > "$runs/outer.log" 2>&1

@@ -94,7 +94,7 @@ def _load(
     tested = dataclasses.replace(config.model, bn_mode=config.eval.bn_mode)
     learner = build_learner(dataclasses.replace(config, model=tested))
     learner.load_state_dict(state)
-    learner.double()  # see the module docstring
+    learner.double().eval()  # float64: see the module docstring; eval: its prefix is fixed
     return _Evaluation(checkpoint, config, learner, payload["step"], checkpoint_sha256(checkpoint))
 
 

@@ -11,7 +11,8 @@ Backbone modes:
   changes: its parameters do not require grad, :func:`metafilm.meta.make_optimizer` leaves them
   out, and the backbone stays in eval mode, so batch norm in running mode uses (and never updates)
   its running statistics. Then everything before the first used FiLM site is one fixed function
-  of each image, which :func:`metafilm.meta.input_builder` computes once.
+  of each image, which :func:`metafilm.meta.input_builder` computes once. So it is for an
+  outer-trained backbone in eval mode, under test.
 """
 
 from __future__ import annotations
@@ -91,9 +92,11 @@ class FiLMLearner(nn.Module):
 
     @property
     def caches_prefix(self) -> bool:
-        """Whether the blocks before the first used site are a fixed per-image function (frozen
-        backbone, running batch norm) that is worth computing once."""
-        return self.frozen and self.backbone.bn_mode == "running" and self.first_used_block > 0
+        """Whether the blocks before the first used site are now a fixed per-image function that
+        is worth computing once: running batch norm, and a backbone that is frozen or, in eval
+        mode, not being trained (an outer-trained run under test)."""
+        fixed = self.frozen or not self.training
+        return fixed and self.backbone.bn_mode == "running" and self.first_used_block > 0
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -464,8 +464,8 @@ def _start_block(learner: FiLMLearner, x: Tensor) -> int:
         return learner.first_used_block
     raise ValueError(
         f"expected images shaped [tasks, examples, {', '.join(map(str, learner.image_shape))}]; "
-        f"got {tuple(x.shape)}. Only a frozen backbone with bn_mode='running' takes cached prefix "
-        "features (from input_builder)"
+        f"got {tuple(x.shape)}. Cached prefix features (from input_builder) need running batch "
+        "norm and a frozen backbone or eval mode"
     )
 
 
@@ -479,16 +479,17 @@ def input_builder(
 ) -> Callable[[IndexEpisode], Episode]:
     """What turns index episodes into the inputs :func:`meta_step` and :func:`evaluate` read.
 
-    Normally ``episodes.sampler.gather`` (images, in the learner's dtype). For a frozen backbone
-    with running batch norm the blocks before the first used FiLM site are a fixed function of
-    each image, so their output is computed once here for every image (eval mode, ``batch_size``
-    at a time) and episodes gather those features instead; the network then runs from the first
-    used block. With batch norm in episode mode the prefix depends on the episode's batch, so
-    nothing is cached. When the cache would exceed ``max_cache_bytes`` (default 6 GiB: the 4.3 GB
-    that miniImageNet's training split takes before block 3 of a 64-filter Conv-4 fits) this warns
-    and gathers images. ``stored`` may keep the features between runs: it is called as
-    ``stored(backbone, end_block, images, dtype, compute)`` and returns the features, computed by
-    ``compute()`` or read back (the trainer passes :func:`metafilm.prefix_cache.prefix_store`).
+    Normally ``episodes.sampler.gather`` (images, in the learner's dtype). With running batch norm
+    and a backbone that is frozen, or in eval mode (a trained run under test), the blocks before the
+    first used FiLM site are a fixed function of each image (``FiLMLearner.caches_prefix``), so
+    their output is computed once here for every image (eval mode, ``batch_size`` at a time) and
+    episodes gather those features instead; the network then runs from the first used block. With
+    batch norm in episode mode the prefix depends on the episode's batch, so nothing is cached. When
+    the cache would exceed ``max_cache_bytes`` (default 6 GiB: the 4.3 GB that miniImageNet's
+    training split takes before block 3 of a 64-filter Conv-4 fits) this warns and gathers images.
+    ``stored`` may keep the features between runs: it is called as ``stored(backbone, end_block,
+    images, dtype, compute)`` and returns the features, computed by ``compute()`` or read back (the
+    trainer passes :func:`metafilm.prefix_cache.prefix_store`).
     """
     backbone = learner.backbone
     dtype = next(backbone.parameters()).dtype

@@ -388,6 +388,29 @@ def test_cached_prefix_gives_the_same_losses_gradients_and_accuracies():
     np.testing.assert_array_equal(acc_b, acc_a)
 
 
+def test_an_outer_trained_backbone_under_test_uses_its_prefix_features():
+    adapt = AdaptSpec(inner_steps=2, inner_lr=0.5)
+    learner = _learner(bn_mode="running", film_sites=("block3", "block4"), adapt=adapt)
+    classes = _class_images()
+    index_episode = EpisodeSampler(classes, WAYS, SHOTS, QUERY, seed=0).sample(0, TASKS)
+    images = gather(classes, index_episode, dtype=torch.float64)
+    assert not learner.caches_prefix  # in training its backbone changes and learns
+    assert input_builder(learner, classes)(index_episode).support_x.shape == images.support_x.shape
+    learner.eval()
+    cached = input_builder(learner, classes, batch_size=7)(index_episode)
+    assert cached.support_x.shape[-3:] == (4, IMAGE // 4, IMAGE // 4)
+    with torch.no_grad():  # independently: blocks 1-2 of the query images, one at a time
+        expected = torch.stack([learner.backbone.prefix(x[None], 2)[0] for x in images.query_x[0]])
+    torch.testing.assert_close(cached.query_x[0], expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(
+        evaluate(learner, [cached], adapt), evaluate(learner, [images], adapt)
+    )
+    assert not learner.training
+    learner.train()
+    with pytest.raises(ValueError, match="prefix features .* need running batch norm"):
+        meta_backward(learner, cached, adapt)  # a backbone being trained has no fixed prefix
+
+
 def test_prefix_features_on_disk_are_reused_only_for_the_same_backbone_and_images(tmp_path, caplog):
     learner = _learner(film_sites=("block3",), backbone_mode="frozen", bn_mode="running")
     classes = _class_images()

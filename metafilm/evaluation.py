@@ -6,7 +6,9 @@ evaluation record per setting into the run's `eval/` folder (`metafilm.rundir.ev
 The CLI (`metafilm evaluate`) and the sweep call this; the training loop never does.
 
 Precision: in float32, a change in the order of the sums (another thread count, another CPU)
-flips near-tied predictions and so changes per-episode accuracies; in float64 it does not.
+flips near-tied predictions and so changes per-episode accuracies; in float64 it does not. The
+accuracies are the float64 ones, computed in float32 wherever that decides the same
+(`metafilm.tiebreak`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from metafilm.checkpoint import checkpoint_sha256, load_checkpoint, require_keys
 from metafilm.config import RunConfig, config_from_dict
 from metafilm.errors import CheckpointError, ConfigError, DataError
 from metafilm.learner import FiLMLearner
-from metafilm.meta import evaluate, input_builder
+from metafilm.meta import input_builder
 from metafilm.prefix_cache import prefix_store
 from metafilm.rundir import (
     LAKE_SPLIT,
@@ -39,6 +41,7 @@ from metafilm.rundir import (
     write_evaluation,
 )
 from metafilm.specs import AdaptSpec, BatchNormMode
+from metafilm.tiebreak import evaluate_exact
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +188,7 @@ def evaluate_checkpoint(
             continue
         what = f"evaluate {ways}-way {shots}-shot on {settings.split!r}"
         batches = _with_progress(fixed_batches(source, build), len(source), what, progress)
-        accuracies = evaluate(loaded.learner, batches, loaded.adapt())
+        accuracies = evaluate_exact(loaded.learner, batches, loaded.adapt())
         record = loaded.record(protocol, accuracies.tolist())
         written.append(write_evaluation(path, record))
         if on_result is not None:
@@ -230,7 +233,7 @@ def evaluate_lake(
     except (FileNotFoundError, ValueError, ChecksumError) as error:
         raise DataError(str(error)) from None
     dtype = next(loaded.learner.parameters()).dtype
-    accuracies = evaluate(loaded.learner, [runs.episode(dtype)], loaded.adapt())
+    accuracies = evaluate_exact(loaded.learner, [runs.episode(dtype)], loaded.adapt())
     items = runs.query_labels.shape[1]
     errors = [int(round((1 - accuracy) * items)) for accuracy in accuracies]
     protocol = {

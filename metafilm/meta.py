@@ -174,6 +174,35 @@ def adapt_to_support(
     return adapted
 
 
+def _query_logits(
+    modules: _Modules,
+    learner: FiLMLearner,
+    adapt: AdaptSpec,
+    ways: int,
+    start_block: int,
+    differentiate: Differentiate,
+    vmapped: bool,
+    support_x: Tensor,
+    support_y: Tensor,
+    query_x: Tensor,
+) -> tuple[Tensor, Deviations, Deviations]:
+    """One task's query logits after adaptation, with its predicted and adapted deviations."""
+    onehot = (support_y.unsqueeze(-1) == torch.arange(ways)).to(support_x.dtype)
+
+    def embed(x: Tensor, film: Deviations | None) -> Tensor:
+        return modules.backbone(x, film, start_block=start_block, vmapped=vmapped)
+
+    predicted, adapted = _adapted(
+        modules, learner, adapt, onehot, start_block, differentiate, vmapped, support_x, support_y
+    )
+    if learner.head.uses_support:
+        features = embed(torch.cat([support_x, query_x]), adapted)
+        head_inputs = (features[: len(support_x)], onehot, features[len(support_x) :])
+    else:
+        head_inputs = (None, onehot, embed(query_x, adapted))
+    return modules.head(*head_inputs), predicted, adapted
+
+
 def _task(
     modules: _Modules,
     learner: FiLMLearner,
@@ -188,28 +217,26 @@ def _task(
     query_y: Tensor,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Query loss and metrics of one task after adaptation (see the module docstring)."""
-    onehot = (support_y.unsqueeze(-1) == torch.arange(ways)).to(support_x.dtype)
-
-    def embed(x: Tensor, film: Deviations | None) -> Tensor:
-        return modules.backbone(x, film, start_block=start_block, vmapped=vmapped)
-
-    predicted, adapted = _adapted(
-        modules, learner, adapt, onehot, start_block, differentiate, vmapped, support_x, support_y
+    logits, predicted, adapted = _query_logits(
+        modules,
+        learner,
+        adapt,
+        ways,
+        start_block,
+        differentiate,
+        vmapped,
+        support_x,
+        support_y,
+        query_x,
     )
-    if learner.head.uses_support:
-        features = embed(torch.cat([support_x, query_x]), adapted)
-        head_inputs = (features[: len(support_x)], onehot, features[len(support_x) :])
-    else:
-        head_inputs = (None, onehot, embed(query_x, adapted))
-    query_logits = modules.head(*head_inputs)
     metrics = {
-        "accuracy": (query_logits.argmax(-1) == query_y).to(query_logits.dtype).mean(),
+        "accuracy": (logits.argmax(-1) == query_y).to(logits.dtype).mean(),
         "film_l2": l2_to_identity(adapted),
     }
     for name, deviations in (("film_predicted", predicted), ("film_adapted", adapted)):
         for site, (dgamma, dbeta) in deviations.items():
             metrics[f"{name}/{site}"] = deviation_size(dgamma, dbeta)
-    return F.cross_entropy(query_logits, query_y), metrics
+    return F.cross_entropy(logits, query_y), metrics
 
 
 def task_loss(
@@ -419,6 +446,63 @@ def meta_step(
     return summary
 
 
+def query_logits(
+    learner: FiLMLearner, episode: Episode, adapt: AdaptSpec, *, strategy: Strategy = "auto"
+) -> Tensor:
+    """The query logits ``[tasks, ways*query, ways]`` of every task of ``episode`` after
+    adaptation with ``adapt`` (its ``inner_steps`` may differ from training), as evaluation
+    computes them: eval mode, no outer graph (the inner loop still differentiates the
+    deviations). The learner is returned to the mode it was in. A learner with Meta-SGD rates uses
+    them in place of ``adapt.inner_lr``. ``strategy`` as in :func:`meta_backward`.
+    """
+    first_order = replace(adapt, first_order=True)  # same values, no graph of the inner gradient
+    modules = _own_modules(learner)
+    was_training = learner.training
+    learner.eval()  # before _start_block: an outer-trained backbone reads its prefix in eval mode
+    try:
+        start_block = _start_block(learner, episode.support_x)
+        with torch.no_grad():
+            if _resolve_strategy(strategy, start_block) == "vmap":
+                one_task = partial(
+                    _query_logits,
+                    modules,
+                    learner,
+                    first_order,
+                    episode.ways,
+                    start_block,
+                    "func",
+                    True,
+                )
+                return torch.func.vmap(lambda sx, sy, qx: one_task(sx, sy, qx)[0])(
+                    episode.support_x, episode.support_y, episode.query_x
+                )
+            return torch.stack(
+                [
+                    _query_logits(
+                        modules,
+                        learner,
+                        first_order,
+                        episode.ways,
+                        start_block,
+                        "autograd",
+                        False,
+                        episode.support_x[i],
+                        episode.support_y[i],
+                        episode.query_x[i],
+                    )[0]
+                    for i in range(episode.tasks)
+                ]
+            )
+    finally:
+        learner.train(was_training)
+
+
+def accuracies_of(logits: Tensor, query_y: Tensor) -> Tensor:
+    """Per-task query accuracy (float64) of ``logits [tasks, queries, ways]`` against
+    ``query_y [tasks, queries]``; the first of tied maxima is the prediction."""
+    return (logits.argmax(-1) == query_y).double().mean(-1)
+
+
 def evaluate(
     learner: FiLMLearner,
     episodes: Iterable[Episode],
@@ -426,34 +510,13 @@ def evaluate(
     *,
     strategy: Strategy = "auto",
 ) -> np.ndarray:
-    """Query accuracy of every task of ``episodes`` after adaptation with ``adapt`` (its
-    ``inner_steps`` may differ from training), as a float64 array in episode order.
-
-    No outer gradient is formed; the inner loop still differentiates the deviations. The learner
-    is evaluated in eval mode and returned to the mode it was in. A learner with Meta-SGD rates
-    uses them in place of ``adapt.inner_lr``. ``strategy`` as in :func:`meta_backward`.
-    """
-    first_order = replace(adapt, first_order=True)  # same values, no graph of the inner gradient
-    modules = _own_modules(learner)
-    was_training = learner.training
-    learner.eval()
-    accuracies: list[Tensor] = []
-    try:
-        with torch.no_grad():
-            for episode in map(as_episode, episodes):
-                start_block = _start_block(learner, episode.support_x)
-                if _resolve_strategy(strategy, start_block) == "vmap":
-                    _, metrics = _all_tasks_vmapped(
-                        modules, learner, first_order, episode, start_block
-                    )
-                    accuracies.extend(metrics["accuracy"])
-                    continue
-                for i in range(episode.tasks):
-                    _, metrics = _task_of(modules, learner, first_order, episode, start_block, i)
-                    accuracies.append(metrics["accuracy"])
-    finally:
-        learner.train(was_training)
-    return torch.stack(accuracies).double().numpy() if accuracies else np.zeros(0)
+    """Query accuracy of every task of ``episodes`` after adaptation with ``adapt``, as a float64
+    array in episode order (:func:`query_logits`, :func:`accuracies_of`)."""
+    accuracies = [
+        accuracies_of(query_logits(learner, episode, adapt, strategy=strategy), episode.query_y)
+        for episode in map(as_episode, episodes)
+    ]
+    return torch.cat(accuracies).numpy() if accuracies else np.zeros(0)
 
 
 def _start_block(learner: FiLMLearner, x: Tensor) -> int:

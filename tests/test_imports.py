@@ -27,6 +27,7 @@ MATHS = (
     "metafilm.backbones",
     "metafilm.learner",
     "metafilm.meta",
+    "metafilm.tiebreak",
     "metafilm.maml",
     "metafilm.interop",
     "metafilm.any_backbone",

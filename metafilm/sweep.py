@@ -4,7 +4,9 @@ and compare them in one report.
 Each arm is an ordinary run directory, `OUT/<key=value,...>`, trained from the base config with
 the arm's `--set` overrides. Running the same sweep again resumes it: a finished arm is left as
 it is, an interrupted one continues from its last checkpoint (to the weights an uninterrupted run
-reaches), and an evaluation already written is not repeated. Every arm is evaluated on the
+reaches), and an evaluation already written is not repeated. A finished and evaluated arm whose
+checkpoints were removed (its config, metrics and evaluation records kept) is reported from its
+records. Every arm is evaluated on the
 validation split and on the test split with the base config's [eval] protocol (choose on
 validation; the test numbers are for reporting).
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,7 @@ from metafilm.evaluation import evaluate_checkpoint
 from metafilm.markers import SWEEP_MARKER, foreign_folder, mark
 from metafilm.report import labelled, mean_ci_text, paired_differences, write_report
 from metafilm.rundir import (
+    BEST,
     CONFIG_FILE,
     LAST,
     RunFiles,
@@ -114,6 +118,25 @@ def _finished(run_dir: Path, config: RunConfig) -> bool:
         return False
     check_run_dir(run_dir, config, resume=True, force=False)
     return load_checkpoint(run_dir / LAST)["step"] >= config.train.steps
+
+
+def _reported_from_records(run_dir: Path, config: RunConfig) -> bool:
+    """Whether an arm finished and was evaluated on every split, and kept its records but not its
+    checkpoints (removed to save space once evaluated, or kept in version control without them):
+    such an arm is reported from its records as they are, never retrained."""
+    if (run_dir / LAST).exists() or (run_dir / BEST).exists():
+        return False
+    if not (run_dir / CONFIG_FILE).is_file():
+        return False
+    check_run_dir(run_dir, config, resume=True, force=False)
+    run = read_run(run_dir)
+    steps = [row["step"] for row in run.metrics if "step" in row]
+    settings = len(config.eval.ways) * len(config.eval.shots)
+    evaluated = Counter(evaluation["split"] for evaluation in run.evaluations)
+    splits = {config.data.val_split, config.eval.split}
+    return max(steps, default=0) >= config.train.steps and all(
+        evaluated[split] >= settings for split in splits
+    )
 
 
 def _last(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
@@ -296,19 +319,20 @@ def run_sweep(
     rows, runs = [], []
     for arm, config in configs.items():
         run_dir = out / arm.name
-        if not _finished(run_dir, config):
-            train(
-                config,
-                run_dir,
-                resume=(run_dir / CONFIG_FILE).is_file(),
-                progress=None if progress is None else progress(arm),
-                stop=stop,
-            )
-        checkpoint = resolve_checkpoint(run_dir)
-        for split in dict.fromkeys((config.data.val_split, config.eval.split)):
-            if stop is not None and stop.due():
-                stop.stop()
-            evaluate_checkpoint(checkpoint, {"split": split}, skip_existing=True)
+        if not _reported_from_records(run_dir, config):
+            if not _finished(run_dir, config):
+                train(
+                    config,
+                    run_dir,
+                    resume=(run_dir / CONFIG_FILE).is_file(),
+                    progress=None if progress is None else progress(arm),
+                    stop=stop,
+                )
+            checkpoint = resolve_checkpoint(run_dir)
+            for split in dict.fromkeys((config.data.val_split, config.eval.split)):
+                if stop is not None and stop.due():
+                    stop.stop()
+                evaluate_checkpoint(checkpoint, {"split": split}, skip_existing=True)
         runs.append(read_run(run_dir))
         row = arm_summary(arm, runs[-1])
         rows.append(row)

@@ -22,12 +22,15 @@
 #   METAFILM_DATA_ROOT=/path/to/data scripts/miniimagenet_study.sh [RUNS_DIR] [REPORT_DIR]
 #
 # Run it again after an interruption: finished arms are kept, an interrupted one resumes (the
-# pretraining too).
+# pretraining too). RUNS_DIR defaults to docs/results/miniimagenet-study/runs, which keeps in
+# version control what the report reads (every arm's config, metrics and per-episode evaluation
+# records) and the pretrained backbone, but no other checkpoint: an arm found there finished and
+# evaluated is reported from its records by the sweep, so the study continues across machines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-runs=${1:-runs/miniimagenet-study}
+runs=${1:-docs/results/miniimagenet-study/runs}
 report=${2:-docs/results/miniimagenet-study}
-pretrain=runs/miniimagenet/pretrain
+pretrain=$runs/pretrain
 mkdir -p "$runs"
 
 if [ ! -f "$pretrain/backbone.pt" ]; then
@@ -35,6 +38,7 @@ if [ ! -f "$pretrain/backbone.pt" ]; then
     [ -f "$pretrain/config.toml" ] && resume=(--resume)
     metafilm pretrain configs/results/miniimagenet-pretrain.toml --out "$pretrain" "${resume[@]}"
 fi
+backbone=(--set "pretrain.backbone=$pretrain/backbone.pt")
 
 frozen=(
     --grid "train.seed=1,2"
@@ -52,14 +56,15 @@ outer=(
 )
 (
     OMP_NUM_THREADS=1 metafilm sweep configs/study/miniimagenet-study.toml --one-at-a-time \
-        "${frozen[@]}" --out "$runs/frozen" > "$runs/frozen.log" 2>&1
+        "${backbone[@]}" "${frozen[@]}" --out "$runs/frozen" > "$runs/frozen.log" 2>&1
 ) &
 lane1=$!
 (
     OMP_NUM_THREADS=1 metafilm sweep configs/study/miniimagenet-study.toml --one-at-a-time \
-        --set model.head=linear --set adapt.inner_lr=1.0 --grid "adapt.inner_steps=0,5" \
-        --out "$runs/linear" > "$runs/linear.log" 2>&1
-    OMP_NUM_THREADS=1 metafilm sweep configs/study/miniimagenet-study-outer.toml "${outer[@]}" \
+        "${backbone[@]}" --set model.head=linear --set adapt.inner_lr=1.0 \
+        --grid "adapt.inner_steps=0,5" --out "$runs/linear" > "$runs/linear.log" 2>&1
+    OMP_NUM_THREADS=1 metafilm sweep configs/study/miniimagenet-study-outer.toml \
+        "${backbone[@]}" "${outer[@]}" \
         --out "$runs/outer" > "$runs/outer.log" 2>&1
 ) &
 lane2=$!

@@ -263,6 +263,15 @@ def test_sweep_trains_evaluates_compares_and_resumes(
     assert len(list((interrupted / "eval").glob("*.json"))) == 2
     assert json.loads((out / "sweep.json").read_text()) == document, "the same numbers again"
 
+    # Again, with every checkpoint removed (the records kept, as a committed study keeps them):
+    # reported from the records, nothing retrained.
+    for checkpoint in out.rglob("*.pt"):
+        checkpoint.unlink()
+    from_records = sweep(config, out, data_root, omniglot_cache_dir, *grid)
+    assert from_records.returncode == 0, from_records.stderr
+    assert not list(out.rglob("*.pt"))
+    assert json.loads((out / "sweep.json").read_text()) == document
+
 
 @pytest.mark.slow
 @pytest.mark.data

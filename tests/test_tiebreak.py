@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from episodes.sampler import Episode
+from metafilm.backbones import BatchNorm
 from metafilm.learner import FiLMLearner
 from metafilm.meta import evaluate
 from metafilm.specs import AdaptSpec, ModelSpec
@@ -115,3 +116,27 @@ def test_a_near_tie_is_a_margin_within_the_float32_error_of_the_largest_logit():
 def test_a_float32_learner_is_refused():
     with pytest.raises(ValueError, match=r"learner\.double\(\)"):
         evaluate_exact(_learner("episode").float(), [], AdaptSpec())
+
+
+def test_two_pass_statistics_are_batch_norm_and_precise_in_channels_last():
+    torch.manual_seed(0)
+    x = (torch.randn(80, 16, 21, 21, dtype=torch.float64) * 2 + 3).requires_grad_()
+    film = (0.1 * torch.randn(16, dtype=torch.float64), 0.1 * torch.randn(16, dtype=torch.float64))
+    bn = BatchNorm(16, "episode").double()
+    reference = bn(x, film)
+    bn.two_pass_statistics = True
+    two_pass = bn(x, film)
+    torch.testing.assert_close(two_pass, reference, rtol=0, atol=1e-12)
+    (gx,) = torch.autograd.grad(two_pass.square().sum(), x)
+    (gx_reference,) = torch.autograd.grad(reference.square().sum(), x)
+    torch.testing.assert_close(gx, gx_reference, rtol=1e-9, atol=1e-9)
+
+    fast = x.detach().float().contiguous(memory_format=torch.channels_last)
+    film32 = tuple(f.float() for f in film)
+    bn.float()
+    errors = {}
+    for two_pass_statistics in (False, True):
+        bn.two_pass_statistics = two_pass_statistics
+        error = (bn(fast, film32).double() - reference).abs().max()
+        errors[two_pass_statistics] = float(error.detach())
+    assert errors[True] < 1e-5 < errors[False]  # torch's channels_last kernel: ~1e-4

@@ -1,0 +1,114 @@
+"""Evaluation speed at equal exactness: float64 `evaluate` against `evaluate_exact` (float32 with
+the near ties recomputed in float64, metafilm.tiebreak) on a checkpoint's own test protocol, the
+two alternating in one process on the same episodes; their per-episode accuracies must be equal.
+
+    PYTHONPATH=. python scripts/bench_evaluation.py runs/quickstart/best.pt --ways 20 --shots 1 \
+        --episodes 600 --threads 2 --json /tmp/bench_evaluation.json
+
+Prints each arm's best time over `--repeats`, the speed-up, how many tasks were recomputed in
+float64, the thread count and the load average of the machine before the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metafilm.assemble import fixed_batches, fixed_episodes, load_split
+from metafilm.evaluation import load_trained
+from metafilm.meta import evaluate, input_builder
+from metafilm.tiebreak import Tiebreak, evaluate_exact
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--ways", type=int, help="default: the run's first eval.ways")
+    parser.add_argument("--shots", type=int, help="default: the run's first eval.shots")
+    parser.add_argument("--episodes", type=int, help="default: the run's eval.episodes")
+    parser.add_argument("--split", help="default: the run's eval.split")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    load = os.getloadavg()[0]
+    torch.set_num_threads(args.threads)
+    loaded = load_trained(args.checkpoint)
+    settings = loaded.config.eval
+    ways = args.ways or settings.ways[0]
+    shots = args.shots or settings.shots[0]
+    split = args.split or settings.split
+    classes = load_split(loaded.config.data, split, settings.alphabets)
+    source = fixed_episodes(
+        classes,
+        split,
+        (ways, shots, settings.query),
+        seed=settings.seed,
+        episodes=args.episodes or settings.episodes,
+        within_alphabet=settings.within_alphabet,
+        what="--ways / --shots",
+    )
+    started = time.perf_counter()
+    episodes = list(fixed_batches(source, input_builder(loaded.learner, classes)))
+    inputs_s = time.perf_counter() - started
+    adapt = loaded.adapt()
+    tiebreak = Tiebreak()
+
+    def exact() -> np.ndarray:
+        nonlocal tiebreak
+        tiebreak = Tiebreak()  # the counts of the last call
+        return evaluate_exact(loaded.learner, episodes, adapt, tiebreak=tiebreak)
+
+    arms = {"float64": lambda: evaluate(loaded.learner, episodes, adapt), "exact": exact}
+    seconds: dict[str, list[float]] = {name: [] for name in arms}
+    results: dict[str, np.ndarray] = {}
+    for repeat in range(args.repeats):
+        for name, arm in arms.items():
+            started = time.perf_counter()
+            results[name] = arm()
+            seconds[name].append(time.perf_counter() - started)
+            print(f"repeat {repeat + 1}: {name} {seconds[name][-1]:.1f} s", file=sys.stderr)
+    equal = bool(np.array_equal(results["float64"], results["exact"]))
+    best = {name: min(times) for name, times in seconds.items()}
+    summary = {
+        "checkpoint": str(args.checkpoint),
+        "protocol": {
+            "split": split,
+            "ways": ways,
+            "shots": shots,
+            "query": settings.query,
+            "episodes": len(source),
+            "episode_seed": settings.seed,
+        },
+        "threads": args.threads,
+        "load_average_before": load,
+        "inputs_s": inputs_s,
+        "seconds": seconds,
+        "speedup": best["float64"] / best["exact"],
+        "recomputed_tasks": tiebreak.recomputed,
+        "calibrated_error": tiebreak.error,
+        "equal_accuracies": equal,
+        "mean_accuracy": float(results["float64"].mean()),
+        "torch": torch.__version__,
+    }
+    print(
+        f"{ways}-way {shots}-shot, {len(source)} {split} episodes, {args.threads} thread(s), load "
+        f"{load:.2f} before: float64 {best['float64']:.1f} s, exact {best['exact']:.1f} s "
+        f"({summary['speedup']:.2f}x), {tiebreak.recomputed} of {len(source)} tasks recomputed "
+        f"in float64, accuracies {'equal' if equal else 'DIFFERENT'} (mean "
+        f"{100 * summary['mean_accuracy']:.2f}%)"
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return 0 if equal else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,12 +12,16 @@ model's weights (and the encoder's) through the adaptation::
     learner.adapt(F.cross_entropy(learner(support_x), support_y))
     F.cross_entropy(learner(query_x), query_y).backward()
 
-How FiLM attaches: during ``learner(x)`` only, a forward hook on each site multiplies channel
-dimension 1 of that submodule's output by ``1 + dgamma`` and adds ``dbeta`` (every call of the
-submodule, if the model calls it more than once). The hooks are removed when the forward returns,
-so calling the model directly, or ``maml(x)``, is the plain model. The forward always goes through
-the model as given, so a ``DistributedDataParallel`` model keeps its gradient all-reduce; its
-``.module`` is only used to look the sites up by name.
+How FiLM attaches, during ``learner(x)`` only (every call of a site, if the model calls it more
+than once): a site that is a normalisation layer with a per-channel affine (``BatchNorm*d``,
+``SyncBatchNorm``, ``GroupNorm``, affine ``InstanceNorm*d``) runs with FiLM folded into its weight
+and bias (:func:`metafilm.film.fold_into_affine`, passed by ``torch.func.functional_call``): no
+extra pass over its output, and no extra activation kept for backward. Any other site gets a
+forward hook that multiplies channel dimension 1 of its output by ``1 + dgamma`` and adds
+``dbeta``; the hooks are removed when the forward returns. So calling the model directly, or
+``maml(x)``, is the plain model. The forward always goes through the model as given, so a
+``DistributedDataParallel`` model keeps its gradient all-reduce; its ``.module`` is only used to
+look the sites up by name.
 
 What ``adapt`` changes: the learner's deviations and nothing else. It never writes a parameter or
 a ``.grad`` of the model. Forwards do what the model's forwards do: a batch norm in train mode
@@ -33,14 +37,27 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
 from metafilm.encoder import TaskEncoder, task_representation
-from metafilm.film import Deviations, identity, modulate
+from metafilm.film import Deviations, fold_into_affine, identity, modulate
 from metafilm.inner import inner_loop
 
 CHANNEL_ATTRIBUTES = ("num_features", "out_channels", "out_features", "num_channels")
 """Module attributes read, in this order, as the channel count of a site's output."""
+PER_CHANNEL_AFFINE = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+"""Normalisation layers whose ``weight`` and ``bias`` (when affine) scale and shift each channel
+of the output: FiLM at such a site is folded into them."""
 
 SupportLossClosure = Callable[["FiLMClone"], Tensor]
 
@@ -79,6 +96,11 @@ class FiLMMAML(nn.Module):
         self.first_order = bool(first_order)
         self.sites: tuple[str, ...] = _check_sites(unwrap(model), film_sites)
         self.site_channels: dict[str, int] = _channels_of(unwrap(model), self.sites, site_channels)
+        self.folded_sites: tuple[str, ...] = tuple(
+            site
+            for site in self.sites
+            if _has_per_channel_affine(unwrap(model).get_submodule(site), self.site_channels[site])
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model at identity FiLM, which is the plain model."""
@@ -300,22 +322,41 @@ def _differentiable(deviations: Deviations) -> Deviations:
     }
 
 
+def _has_per_channel_affine(module: nn.Module, channels: int) -> bool:
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (
+        isinstance(module, PER_CHANNEL_AFFINE)
+        and isinstance(weight, Tensor)
+        and isinstance(bias, Tensor)
+        and tuple(weight.shape) == tuple(bias.shape) == (channels,)
+    )
+
+
 def _film_forward(
     maml: FiLMMAML, deviations: Deviations, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """``maml.model(*args, **kwargs)`` with FiLM ``deviations`` at every site."""
-    with _film_hooks(maml, deviations):
-        return maml.model(*args, **kwargs)
+    """``maml.model(*args, **kwargs)`` with FiLM ``deviations`` at every site: folded into the
+    affine parameters of the ``folded_sites``, by hooks elsewhere."""
+    network = unwrap(maml.model)
+    prefix = "" if network is maml.model else "module."
+    folded: dict[str, Tensor] = {}
+    for site in maml.folded_sites:
+        module = network.get_submodule(site)
+        weight, bias = fold_into_affine(module.weight, module.bias, *deviations[site])
+        folded |= {f"{prefix}{site}.weight": weight, f"{prefix}{site}.bias": bias}
+    hooked = [site for site in maml.sites if site not in maml.folded_sites]
+    with _film_hooks(maml, deviations, hooked):
+        return functional_call(maml.model, folded, args, kwargs)
 
 
 @contextmanager
-def _film_hooks(maml: FiLMMAML, deviations: Deviations) -> Iterator[None]:
+def _film_hooks(maml: FiLMMAML, deviations: Deviations, sites: Sequence[str]) -> Iterator[None]:
     network = unwrap(maml.model)
     handles = [
         network.get_submodule(site).register_forward_hook(
             _site_hook(site, maml.site_channels[site], *deviations[site])
         )
-        for site in maml.sites
+        for site in sites
     ]
     try:
         yield

@@ -190,6 +190,32 @@ def test_identity_film_is_the_plain_model_and_hooks_do_not_outlive_the_forward()
     assert all(not module._forward_hooks for module in model.modules())
 
 
+def test_film_is_folded_into_per_channel_affine_sites_and_hooked_elsewhere():
+    model = conv4()
+    model[5] = nn.BatchNorm2d(WIDTH, affine=False)  # no weight and bias to fold into
+    maml = FiLMMAML(model, 0.1, ["1", "2", "5", "9"], site_channels={"2": WIDTH})
+    assert maml.folded_sites == ("1", "9")
+    model.eval()
+    with torch.no_grad():  # affine parameters away from their initial 1 and 0
+        for site in maml.folded_sites:
+            model.get_submodule(site).weight.uniform_(0.5, 1.5)
+            model.get_submodule(site).bias.normal_()
+    clone = maml.clone()
+    g = torch.Generator().manual_seed(3)
+    clone.deviations = {
+        site: (torch.randn(WIDTH, generator=g), torch.randn(WIDTH, generator=g))
+        for site in maml.sites
+    }
+    x = torch.rand(4, 1, IMAGE, IMAGE)
+    h = x
+    for i, layer in enumerate(model):  # FiLM written out after each site, by hand
+        h = layer(h)
+        if str(i) in maml.sites:
+            dgamma, dbeta = clone.deviations[str(i)]
+            h = h * (1 + dgamma.view(-1, 1, 1)) + dbeta.view(-1, 1, 1)
+    torch.testing.assert_close(clone(x), h)
+
+
 def test_film_acts_on_channel_dim_1_of_each_site():
     model = conv4()
     model.eval()

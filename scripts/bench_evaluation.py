@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     best = {name: min(times) for name, times in seconds.items()}
     summary = {
         "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": loaded.sha256,
         "protocol": {
             "split": split,
             "ways": ways,

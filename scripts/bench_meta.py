@@ -1,4 +1,4 @@
-"""Meta-training speed and peak memory: the FiLM core vs full-parameter MAML and plain training.
+"""Meta-training speed and peak memory: the FiLM core and FiLMMAML against MAML and plain training.
 
 Workload: Conv-4 (64 filters), 28x28x1 images, 5-way 1-shot, 15 query per class, meta-batch of 32
 tasks, one second-order inner step, an Adam outer step in every arm. Speed: every arm is built in
@@ -41,6 +41,7 @@ from episodes.sampler import Episode, EpisodeSampler, IndexEpisode, gather
 from metafilm import (
     AdaptSpec,
     FiLMLearner,
+    FiLMMAML,
     ModelSpec,
     OuterSpec,
     build_backbone,
@@ -61,7 +62,7 @@ class Arm:
     description: str
     model: dict[str, object] = field(default_factory=dict)
     outer: dict[str, object] = field(default_factory=dict)
-    peer: Literal["plain", "maml"] | None = None
+    peer: Literal["plain", "maml", "filmmaml", "filmmaml-hooked"] | None = None
     channels_last: bool = False
 
 
@@ -71,6 +72,14 @@ ARMS: dict[str, Arm] = {
     "plain-cl": Arm("(1) the same, channels_last weights", peer="plain", channels_last=True),
     "maml": Arm("(2) full-parameter MAML, second order (autograd.grad idiom)", peer="maml"),
     "maml-cl": Arm("(2) the same, channels_last weights", peer="maml", channels_last=True),
+    "filmmaml": Arm(
+        "(5) metafilm.FiLMMAML on the network of (2), FiLM folded into its 4 batch norms",
+        peer="filmmaml",
+    ),
+    "filmmaml-hooked": Arm(
+        "(5) the same, FiLM by hooks on the batch norms' outputs (FiLMMAML before folding)",
+        peer="filmmaml-hooked",
+    ),
     "film-all": Arm("(3) core, outer backbone, FiLM on all 4 blocks", {"film_sites": "all"}),
     "film-block1": Arm("(3) core, outer backbone, FiLM on block1", {"film_sites": ("block1",)}),
     "film-all-noenc": Arm(
@@ -107,6 +116,10 @@ def load_lazy_imports() -> None:
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+PEER_BN_SITES = ("1", "5", "9", "13")
+"""The batch norms of ``peer_network``, by name."""
 
 
 def peer_network() -> nn.Sequential:
@@ -156,6 +169,18 @@ def maml_step(model: nn.Module, optimizer: torch.optim.Optimizer, episode: Episo
     optimizer.step()
 
 
+def filmmaml_step(maml: FiLMMAML, optimizer: torch.optim.Optimizer, episode: Episode) -> None:
+    """FiLMMAML in learn2learn's idiom: per task ``clone()``, one second-order ``adapt`` on the
+    support loss, the query loss back-propagated at once, then Adam."""
+    optimizer.zero_grad(set_to_none=True)
+    for i in range(episode.tasks):
+        task = episode.task(i)
+        learner = maml.clone()
+        learner.adapt(F.cross_entropy(learner(task.support_x), task.support_y))
+        (F.cross_entropy(learner(task.query_x), task.query_y) / episode.tasks).backward()
+    optimizer.step()
+
+
 def load_classes(data_root: str | None, classes: int, per_class: int) -> ClassImages:
     """Omniglot "background" under ``data_root``, or random uint8 images of ``classes`` classes."""
     if data_root:
@@ -184,6 +209,11 @@ def build_arm(name: str, classes: ClassImages) -> tuple[Step, Build]:
     if arm.peer is not None:
         model = peer_network().to(memory_format=layout)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        if arm.peer.startswith("filmmaml"):
+            maml = FiLMMAML(model, MAML_INNER_LR, PEER_BN_SITES)
+            if arm.peer == "filmmaml-hooked":
+                maml.folded_sites = ()
+            return partial(filmmaml_step, maml, optimizer), partial(gather, classes)
         peer_step = plain_step if arm.peer == "plain" else maml_step
         return partial(peer_step, model, optimizer), partial(gather, classes)
     adapt = AdaptSpec(inner_steps=1, first_order=False)

@@ -1,6 +1,6 @@
 """Meta-learning maths over a :class:`~metafilm.learner.FiLMLearner`: one task, a meta-batch, an
-outer step, an evaluation, and the inputs they read. One job in about 570 lines: the maths of
-meta-learning around the one per-task computation (``_task``) that training and evaluation share.
+outer step, an evaluation, and the inputs they read. One job in about 590 lines: the maths of
+meta-learning around the one per-task computation (``_query_logits``) that training and evaluation share.
 
 The outer objective, in one place. One outer step (:func:`meta_step`) on a meta-batch of ``T``
 tasks minimises::
@@ -462,35 +462,17 @@ def query_logits(
     try:
         start_block = _start_block(learner, episode.support_x)
         with torch.no_grad():
+            task = partial(_query_logits, modules, learner, first_order, episode.ways, start_block)
             if _resolve_strategy(strategy, start_block) == "vmap":
-                one_task = partial(
-                    _query_logits,
-                    modules,
-                    learner,
-                    first_order,
-                    episode.ways,
-                    start_block,
-                    "func",
-                    True,
-                )
-                return torch.func.vmap(lambda sx, sy, qx: one_task(sx, sy, qx)[0])(
+                return torch.func.vmap(lambda sx, sy, qx: task("func", True, sx, sy, qx)[0])(
                     episode.support_x, episode.support_y, episode.query_x
                 )
             return torch.stack(
                 [
-                    _query_logits(
-                        modules,
-                        learner,
-                        first_order,
-                        episode.ways,
-                        start_block,
-                        "autograd",
-                        False,
-                        episode.support_x[i],
-                        episode.support_y[i],
-                        episode.query_x[i],
-                    )[0]
-                    for i in range(episode.tasks)
+                    task("autograd", False, x, y, query_x)[0]
+                    for x, y, query_x in zip(
+                        episode.support_x, episode.support_y, episode.query_x, strict=True
+                    )
                 ]
             )
     finally:

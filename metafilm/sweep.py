@@ -6,9 +6,8 @@ the arm's `--set` overrides. Running the same sweep again resumes it: a finished
 it is, an interrupted one continues from its last checkpoint (to the weights an uninterrupted run
 reaches), and an evaluation already written is not repeated. A finished and evaluated arm whose
 checkpoints were removed (its config, metrics and evaluation records kept) is reported from its
-records. Every arm is evaluated on the
-validation split and on the test split with the base config's [eval] protocol (choose on
-validation; the test numbers are for reporting).
+records. Every arm is evaluated on the validation split and on the test split with the base
+config's [eval] protocol (choose on validation; the test numbers are for reporting).
 
 With `one_at_a_time`, the arms are an ablation instead of a grid: the base config's own arm
 (`base`), then each key's values with every other setting left at the base config's, so that

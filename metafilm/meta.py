@@ -1,6 +1,7 @@
 """Meta-learning maths over a :class:`~metafilm.learner.FiLMLearner`: one task, a meta-batch, an
 outer step, an evaluation, and the inputs they read. One job in about 590 lines: the maths of
-meta-learning around the one per-task computation (``_query_logits``) that training and evaluation share.
+meta-learning around the one per-task computation (``_query_logits``) that training and
+evaluation share.
 
 The outer objective, in one place. One outer step (:func:`meta_step`) on a meta-batch of ``T``
 tasks minimises::

@@ -519,7 +519,7 @@ def input_builder(
     learner: FiLMLearner,
     classes: ClassImages,
     *,
-    batch_size: int = 1024,
+    batch_size: int = 128,
     max_cache_bytes: int = 6 * 2**30,
     stored: PrefixStore | None = None,
 ) -> Callable[[IndexEpisode], Episode]:
@@ -528,9 +528,10 @@ def input_builder(
     Normally ``episodes.sampler.gather`` (images, in the learner's dtype). With running batch norm
     and a backbone that is frozen, or in eval mode (a trained run under test), the blocks before the
     first used FiLM site are a fixed function of each image (``FiLMLearner.caches_prefix``), so
-    their output is computed once here for every image (eval mode, ``batch_size`` at a time) and
-    episodes gather those features instead; the network then runs from the first used block. With
-    batch norm in episode mode the prefix depends on the episode's batch, so nothing is cached. When
+    their output is computed once here for every image (eval mode, ``batch_size`` at a time: 1024
+    float64 miniImageNet images would take ~11 GB in block 1) and episodes gather those features
+    instead; the network then runs from the first used block. With batch norm in episode mode the
+    prefix depends on the episode's batch, so nothing is cached. When
     the cache would exceed ``max_cache_bytes`` (default 6 GiB: the 4.3 GB that miniImageNet's
     training split takes before block 3 of a 64-filter Conv-4 fits) this warns and gathers images.
     ``stored`` may keep the features between runs: it is called as ``stored(backbone, end_block,

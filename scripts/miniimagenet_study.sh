@@ -24,8 +24,10 @@
 # Run it again after an interruption: finished arms are kept, an interrupted one resumes (the
 # pretraining too). RUNS_DIR defaults to docs/results/miniimagenet-study/runs, which keeps in
 # version control what the report reads (every arm's config, metrics and per-episode evaluation
-# records) and the pretrained backbone, but no other checkpoint: an arm found there finished and
-# evaluated is reported from its records by the sweep, so the study continues across machines.
+# records) and no checkpoint: an arm found there finished and evaluated is reported from its
+# records by the sweep, so the study continues across machines. A new machine first repeats the
+# pretraining, which is deterministic (its run config and metrics are kept to check it: best val
+# 38.33% at step 4200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-docs/results/miniimagenet-study/runs}

@@ -14,7 +14,10 @@ Everything is chosen and judged on these rules before the numbers were seen; tes
 choose.
 
 Writes REPORT_DIR/claims.md, claims.json, claim<N>.png, and each sweep's own comparison
-(sweep.md, sweep.json, its plot, the full report of every arm) under REPORT_DIR/<sweep>/.
+(sweep.md, sweep.json, its plot, the full report of every arm) under REPORT_DIR/<sweep>/ once that
+sweep has finished. While the study runs, the report is interim: a comparison whose arms are not
+both evaluated at every split and shot is "pending" and judged later; a claim's verdict is from
+its judged comparisons and says how many are pending.
 """
 
 from __future__ import annotations
@@ -166,11 +169,17 @@ def judge(
 
 
 def claim_verdict(verdicts: list[str]) -> str:
-    """A claim's verdict from its comparisons' (every shot): one word when they agree."""
-    judged = {verdict for verdict in verdicts if verdict != "informs"}
+    """A claim's verdict from its comparisons' (every shot): one word when they agree; "pending"
+    while none is judged yet."""
+    judged = {verdict for verdict in verdicts if verdict not in ("informs", "pending")}
     if not judged:
-        return "informs"
+        return "pending" if "pending" in verdicts else "informs"
     return judged.pop() if len(judged) == 1 else "mixed: " + ", ".join(sorted(judged))
+
+
+def evaluated(differences: dict[str, dict[str, Any]]) -> bool:
+    """Whether paired differences exist at every split and shot of the protocol."""
+    return all(label(split, shots) in differences for split in SPLITS for shots in SHOTS)
 
 
 def seed_spread(base: RunFiles, reseeded: list[RunFiles]) -> dict[str, float]:
@@ -182,11 +191,18 @@ def seed_spread(base: RunFiles, reseeded: list[RunFiles]) -> dict[str, float]:
     return spread
 
 
-def _points(summary: dict[str, Any]) -> str:
+def _wall_time(run: RunFiles | None) -> float | None:
+    return run.metrics[-1].get("wall_time") if run is not None and run.metrics else None
+
+
+def _points(summary: dict[str, Any] | None) -> str:
+    if summary is None:
+        return "pending"
     return f"{100 * summary['mean']:+.2f} ± {100 * summary['ci95']:.2f}"
 
 
 def _plot(claim: Claim, rows: list[dict[str, Any]], spread: dict[str, float], path: Path) -> None:
+    """The judged comparisons of a claim: paired differences with their CIs, and the seed spread."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,9 +235,11 @@ def _plot(claim: Claim, rows: list[dict[str, Any]], spread: dict[str, float], pa
     plt.close(figure)
 
 
-def _read(runs_dir: Path, name: str, cache: dict[str, RunFiles]) -> RunFiles:
+def _read(runs_dir: Path, name: str, cache: dict[str, RunFiles]) -> RunFiles | None:
+    """The arm's run, None while its training has not started."""
     if name not in cache:
-        cache[name] = read_run(runs_dir / name)
+        path = runs_dir / name
+        cache[name] = read_run(path) if (path / "config.toml").is_file() else None
     return cache[name]
 
 
@@ -230,7 +248,14 @@ def write(runs_dir: Path, out: Path) -> Path:
     runs: dict[str, RunFiles] = {}
     base = _read(runs_dir, "frozen/base", runs)
     reseeded = [_read(runs_dir, f"frozen/train.seed={seed}", runs) for seed in (1, 2)]
+    if base is None or None in reseeded:
+        raise ReportError(
+            f"{runs_dir} lacks frozen/base or its reseeds (train.seed=1, 2), which every verdict "
+            "is judged against: run scripts/miniimagenet_study.sh"
+        )
     spread = seed_spread(base, reseeded)
+    if not all(evaluated(paired_differences(run, base)) for run in reseeded):
+        raise ReportError("the seed spread needs frozen/base and its reseeds evaluated first")
     lines = [
         "# The FiLM study on miniImageNet: the claims",
         "",
@@ -243,15 +268,20 @@ def write(runs_dir: Path, out: Path) -> Path:
         + ", ".join(f"{name} {100 * value:.2f}" for name, value in sorted(spread.items())),
         "",
     ]
-    document: dict[str, Any] = {"seed_spread": spread, "claims": []}
+    document: dict[str, Any] = {"seed_spread": spread, "claims": [], "pending_comparisons": 0}
     out.mkdir(parents=True, exist_ok=True)
     for number, claim in enumerate(CLAIMS, 1):
-        rows, verdicts = [], []
+        rows, verdicts, pending = [], [], 0
         for comparison in claim.comparisons:
             a, b = _read(runs_dir, comparison.a, runs), _read(runs_dir, comparison.b, runs)
-            differences = paired_differences(a, b)
+            differences = {} if a is None or b is None else paired_differences(a, b)
+            if not evaluated(differences):
+                differences, pending = {}, pending + 1
             judged = {
-                shots: judge(differences, spread, shots, comparison.expect) for shots in SHOTS
+                shots: judge(differences, spread, shots, comparison.expect)
+                if differences
+                else "pending"
+                for shots in SHOTS
             }
             verdicts += judged.values()
             rows.append(
@@ -263,15 +293,20 @@ def write(runs_dir: Path, out: Path) -> Path:
                     "differences": differences,
                     "verdicts": judged,
                     "wall_time_s": {
-                        "a": a.metrics[-1].get("wall_time") if a.metrics else None,
-                        "b": b.metrics[-1].get("wall_time") if b.metrics else None,
+                        "a": _wall_time(a) if judged[1] != "pending" else None,
+                        "b": _wall_time(b) if judged[1] != "pending" else None,
                     },
                 }
             )
         verdict = claim_verdict(verdicts)
+        if pending and verdict != "pending":
+            verdict += f" ({pending} of {len(rows)} comparisons pending)"
         figure = out / f"claim{number}.png"
-        _plot(claim, rows, spread, figure)
+        judged_rows = [row for row in rows if row["differences"]]
+        if judged_rows:
+            _plot(claim, judged_rows, spread, figure)
         document["claims"].append({"title": claim.title, "verdict": verdict, "rows": rows})
+        document["pending_comparisons"] += pending
         lines += [
             f"## {number}. {claim.title} ({claim.source}): **{verdict}**",
             "",
@@ -280,7 +315,7 @@ def write(runs_dir: Path, out: Path) -> Path:
             "|---|---|---|---|---|---|---|",
         ]
         for row in rows:
-            cells = [_points(row["differences"][label(s, n)]) for n in SHOTS for s in SPLITS]
+            cells = [_points(row["differences"].get(label(s, n))) for n in SHOTS for s in SPLITS]
             times = " / ".join(
                 "–" if t is None else f"{t:.0f}" for t in row["wall_time_s"].values()
             )
@@ -288,13 +323,22 @@ def write(runs_dir: Path, out: Path) -> Path:
                 f"| {row['text']} | {' | '.join(cells)} | {row['verdicts'][1]} / "
                 f"{row['verdicts'][5]} | {times} |"
             )
-        lines += ["", f"![claim {number}]({figure.name})", ""]
+        lines += ["", f"![claim {number}]({figure.name})", ""] if judged_rows else [""]
     for sweep in SWEEPS:
+        if not (runs_dir / sweep / "sweep.md").is_file():
+            continue  # still running
         target = out / sweep
         target.mkdir(parents=True, exist_ok=True)
         for name in ("sweep.md", "sweep.json", "sweep_accuracy.png"):
             shutil.copy2(runs_dir / sweep / name, target / name)
         shutil.copytree(runs_dir / sweep / "report", target / "report", dirs_exist_ok=True)
+    if document["pending_comparisons"]:
+        total = sum(len(claim.comparisons) for claim in CLAIMS)
+        lines[2:2] = [
+            f"**Interim**: {document['pending_comparisons']} of {total} comparisons are pending "
+            "(their arms are still training or evaluating); their claims are judged on the rest.",
+            "",
+        ]
     (out / "claims.json").write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     (out / "claims.md").write_text("\n".join(lines), encoding="utf-8")
     return out / "claims.md"

@@ -161,3 +161,34 @@ def test_the_report_judges_each_claim_from_the_runs(tmp_path: Path) -> None:
         f"claim{n}.png" for n in range(1, len(study.CLAIMS) + 1)
     ]
     assert (out / "outer" / "sweep.md").read_text() == "sweep.md"
+
+
+def test_an_interim_report_judges_claims_on_finished_arms_and_marks_the_rest_pending(
+    tmp_path: Path,
+) -> None:
+    """The MLP arm has not started and the fixed-scale arm lacks one evaluation: their
+    comparisons are pending, the encoder claim is judged on its other one (linear against none,
+    within the noise), the metric-scale claim has nothing judged; a sweep still running has
+    nothing copied."""
+    runs = tmp_path / "runs"
+    named = {arm for claim in study.CLAIMS for c in claim.comparisons for arm in (c.a, c.b)}
+    shifts = {"frozen/train.seed=1": 0.004, "frozen/train.seed=2": -0.006}
+    shifts["frozen/model.learn_metric_scale=false"] = -0.03
+    for name in (named | set(shifts)) - {"frozen/model.encoder=mlp"}:
+        _fake_arm(runs, name, shifts.get(name, 0.0), 0.0 if name == "frozen/base" else 0.001)
+    (runs / "frozen/model.learn_metric_scale=false/eval/test5.json").unlink()
+    markdown = study.write(runs, tmp_path / "report")
+    claims = json.loads((tmp_path / "report" / "claims.json").read_text())
+    verdicts = {claim["title"]: claim["verdict"] for claim in claims["claims"]}
+    encoder = "A linear predictor of the deviations beats a deeper one; a task encoder helps"
+    assert verdicts[encoder] == "unclear (1 of 2 comparisons pending)"
+    assert verdicts["A learned metric scale beats a fixed one"] == "pending"
+    assert verdicts["One FiLM layer does about as well as four"] == "confirmed"
+    assert claims["pending_comparisons"] == 2
+    text = markdown.read_text()
+    assert "**Interim**: 2 of 19 comparisons are pending" in text
+    assert (
+        "| linear − MLP | pending | pending | pending | pending | pending / pending | – / – |"
+        in text
+    )
+    assert not (tmp_path / "report" / "frozen").exists()

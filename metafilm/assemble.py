@@ -46,7 +46,8 @@ EPISODE_SETTINGS = "data.ways / data.shots / data.query"
 class Progress(Protocol):
     """Where training and evaluation report their progress (the CLI's progress bar)."""
 
-    def start(self, phase: str, done: int, total: int) -> None: ...
+    def start(self, phase: str, done: int, total: int, unit: str | None = None) -> None:
+        """Begin ``phase``, ``done`` of ``total`` in ``unit`` (default: the display's own)."""
 
     def update(self, done: int, metrics: Mapping[str, float]) -> None: ...
 
@@ -54,6 +55,22 @@ class Progress(Protocol):
         """A status of work inside the current step (the validation episodes done so far)."""
 
     def close(self) -> None: ...
+
+
+def image_progress(progress: Progress | None, phase: str) -> Callable[[int, int], None] | None:
+    """The ``on_images(done, total)`` of :func:`metafilm.meta.input_builder` shown on `progress`
+    as `phase`, counted in images: started at 0, closed at `total`."""
+    if progress is None:
+        return None
+
+    def on_images(done: int, total: int) -> None:
+        if done == 0:
+            progress.start(phase, 0, total, unit="image")
+        progress.update(done, {})
+        if done == total:
+            progress.close()
+
+    return on_images
 
 
 def load_split(

@@ -64,8 +64,10 @@ class BarProgress:
         self.smoothed: dict[str, float] = {}
         self.unit = unit
 
-    def start(self, phase: str, done: int, total: int) -> None:
-        self.bar = tqdm(total=total, initial=done, desc=phase, unit=self.unit, mininterval=0.5)
+    def start(self, phase: str, done: int, total: int, unit: str | None = None) -> None:
+        self.bar = tqdm(
+            total=total, initial=done, desc=phase, unit=unit or self.unit, mininterval=0.5
+        )
         self.smoothed = {}
 
     def update(self, done: int, metrics: Mapping[str, float]) -> None:

@@ -23,7 +23,14 @@ from typing import Any
 from episodes.integrity import ChecksumError, resolve_cache_dir
 from episodes.lake import load_lake_runs
 from episodes.sampler import Episode
-from metafilm.assemble import Progress, build_learner, fixed_batches, fixed_episodes, load_split
+from metafilm.assemble import (
+    Progress,
+    build_learner,
+    fixed_batches,
+    fixed_episodes,
+    image_progress,
+    load_split,
+)
 from metafilm.backbones import RUNNING_BUFFERS
 from metafilm.checkpoint import checkpoint_sha256, load_checkpoint, require_keys
 from metafilm.config import RunConfig, config_from_dict
@@ -156,6 +163,7 @@ def evaluate_checkpoint(
         loaded.learner,
         classes,
         stored=prefix_store(resolve_cache_dir(config.data.cache_dir or None)),
+        on_images=image_progress(progress, f"prefix features of '{settings.split}'"),
     )
     sources = {
         (ways, shots): fixed_episodes(

@@ -522,6 +522,7 @@ def input_builder(
     batch_size: int = 128,
     max_cache_bytes: int = 6 * 2**30,
     stored: PrefixStore | None = None,
+    on_images: Callable[[int, int], None] | None = None,
 ) -> Callable[[IndexEpisode], Episode]:
     """What turns index episodes into the inputs :func:`meta_step` and :func:`evaluate` read.
 
@@ -536,7 +537,9 @@ def input_builder(
     training split takes before block 3 of a 64-filter Conv-4 fits) this warns and gathers images.
     ``stored`` may keep the features between runs: it is called as ``stored(backbone, end_block,
     images, dtype, compute)`` and returns the features, computed by ``compute()`` or read back (the
-    trainer passes :func:`metafilm.prefix_cache.prefix_store`).
+    trainer passes :func:`metafilm.prefix_cache.prefix_store`). While features are computed (not
+    read back), ``on_images(done, total)`` hears of the images done: 0 first, then after each batch
+    (miniImageNet's training split takes minutes on a CPU).
     """
     backbone = learner.backbone
     dtype = next(backbone.parameters()).dtype
@@ -560,13 +563,15 @@ def input_builder(
             return partial(gather, classes, dtype=dtype)
 
     def compute() -> Tensor:
+        parts = []
         with torch.no_grad():
-            return torch.cat(
-                [
-                    backbone.prefix(pixels(slice(i, i + batch_size)), end_block)
-                    for i in range(0, len(images), batch_size)
-                ]
-            )
+            for start in range(0, len(images), batch_size):
+                if on_images is not None:
+                    on_images(start, len(images))
+                parts.append(backbone.prefix(pixels(slice(start, start + batch_size)), end_block))
+        if on_images is not None:
+            on_images(len(images), len(images))
+        return torch.cat(parts)
 
     features = compute() if stored is None else stored(backbone, end_block, images, dtype, compute)
     return partial(_gather_features, features)

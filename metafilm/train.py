@@ -46,6 +46,7 @@ from metafilm.assemble import (
     TrainingData,
     build_learner,
     fixed_batches,
+    image_progress,
     load_training_data,
     photo_augmentation,
     seed_everything,
@@ -441,9 +442,19 @@ def train(
     running_statistics = list(learner.buffers())
     photo, dtype = photo_augmentation(config.data), next(learner.parameters()).dtype
     stored = prefix_store(resolve_cache_dir(config.data.cache_dir or None))
-    build_train = input_builder(learner, sources.train_classes, stored=stored)
+    build_train = input_builder(
+        learner,
+        sources.train_classes,
+        stored=stored,
+        on_images=image_progress(progress, f"prefix features of '{config.data.train_split}'"),
+    )
     if sources.validation is not None:
-        validation_inputs = input_builder(learner, sources.val_classes, stored=stored)
+        validation_inputs = input_builder(
+            learner,
+            sources.val_classes,
+            stored=stored,
+            on_images=image_progress(progress, f"prefix features of '{config.data.val_split}'"),
+        )
     saved_step = None if checkpoint is None else step
     settings = config.train
     writer = RunWriter(run_dir, step) if processes.is_main else None

@@ -723,7 +723,7 @@ def test_evaluation_reports_its_progress_per_batch() -> None:
         def __init__(self) -> None:
             self.calls: list[tuple] = []
 
-        def start(self, phase: str, done: int, total: int) -> None:
+        def start(self, phase: str, done: int, total: int, unit: str | None = None) -> None:
             self.calls.append(("start", phase, done, total))
 
         def update(self, done: int, metrics: dict) -> None:
@@ -756,7 +756,7 @@ def test_validation_inside_training_reports_its_episodes(
         def __init__(self) -> None:
             self.notes: list[str] = []
 
-        def start(self, phase: str, done: int, total: int) -> None: ...
+        def start(self, phase: str, done: int, total: int, unit: str | None = None) -> None: ...
 
         def update(self, done: int, metrics: dict) -> None: ...
 

@@ -117,7 +117,7 @@ class _StopAt:
     def __init__(self, request: StopRequest, step: int) -> None:
         self.request, self.step = request, step
 
-    def start(self, phase: str, done: int, total: int) -> None:
+    def start(self, phase: str, done: int, total: int, unit: str | None = None) -> None:
         pass
 
     def update(self, done: int, metrics: object) -> None:

@@ -18,6 +18,7 @@ from episodes.classes import ClassImages
 from episodes.integrity import read_array_cache, write_array_cache
 from episodes.sampler import Episode, EpisodeSampler, FixedEpisodes, gather
 from metafilm.allocator import TRIM_THRESHOLD
+from metafilm.assemble import image_progress
 from metafilm.backbones import Conv4, ResNet12
 from metafilm.config import PretrainConfig
 from metafilm.learner import FiLMLearner
@@ -386,6 +387,47 @@ def test_cached_prefix_gives_the_same_losses_gradients_and_accuracies():
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(acc_b, acc_a)
+
+
+def test_computing_prefix_features_reports_the_images_done_and_reading_them_back_does_not(
+    tmp_path,
+):
+    """8 classes x 5 images in batches of 16: 0, 16, 32 before each batch, 40 at the end, shown
+    as one bar counted in images; a second build reads the features from the store, silently."""
+    learner = _learner(backbone_mode="frozen", bn_mode="running", film_sites=("block4",))
+    classes = _class_images()
+    heard: list[tuple[int, int]] = []
+    input_builder(learner, classes, batch_size=16, on_images=lambda *a: heard.append(a))
+    assert heard == [(0, 40), (16, 40), (32, 40), (40, 40)]
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def start(self, phase: str, done: int, total: int, unit: str | None = None) -> None:
+            self.calls.append(("start", phase, done, total, unit))
+
+        def update(self, done: int, metrics: dict) -> None:
+            self.calls.append(("update", done))
+
+        def note(self, text: str) -> None: ...
+
+        def close(self) -> None:
+            self.calls.append(("close",))
+
+    shown = Recorder()
+    store = prefix_store(tmp_path)
+    for _ in range(2):
+        on_images = image_progress(shown, "prefix features of 'train'")
+        input_builder(learner, classes, batch_size=16, stored=store, on_images=on_images)
+    assert shown.calls == [
+        ("start", "prefix features of 'train'", 0, 40, "image"),
+        ("update", 0),
+        ("update", 16),
+        ("update", 32),
+        ("update", 40),
+        ("close",),
+    ]
 
 
 def test_an_outer_trained_backbone_under_test_uses_its_prefix_features():

@@ -93,7 +93,9 @@ class Arm:
     description: str
     model: dict[str, object] = field(default_factory=dict)
     outer: dict[str, object] = field(default_factory=dict)
-    peer: Literal["plain", "maml", "l2l-maml", "filmmaml", "filmmaml-hooked"] | None = None
+    peer: (
+        Literal["plain", "maml", "l2l-maml", "filmmaml", "filmmaml-cl", "filmmaml-hooked"] | None
+    ) = None
     channels_last: bool = False
 
 
@@ -114,6 +116,10 @@ ARMS: dict[str, Arm] = {
     "filmmaml": Arm(
         "(5) metafilm.FiLMMAML on the network of (2), FiLM folded into its 4 batch norms",
         peer="filmmaml",
+    ),
+    "filmmaml-cl": Arm(
+        "(5) the same, FiLMMAML(..., channels_last=True): it puts the network in that layout",
+        peer="filmmaml-cl",
     ),
     "filmmaml-hooked": Arm(
         "(5) the same, FiLM by hooks on the batch norms' outputs (FiLMMAML before folding)",
@@ -278,7 +284,8 @@ def build_arm(
                 raise SystemExit("bench_meta: the l2l-maml arm needs --learn2learn SOURCE")
             model = learn2learn_maml(learn2learn)(model, lr=MAML_INNER_LR)
         elif arm.peer.startswith("filmmaml"):
-            model = FiLMMAML(model, MAML_INNER_LR, PEER_BN_SITES)
+            channels_last = arm.peer == "filmmaml-cl"
+            model = FiLMMAML(model, MAML_INNER_LR, PEER_BN_SITES, channels_last=channels_last)
             if arm.peer == "filmmaml-hooked":
                 model.folded_sites = ()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -462,7 +469,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--arms",
-        default="plain-cl,maml,film-all,frozen-block4-cached,filmmaml",
+        default="plain-cl,maml,film-all,frozen-block4-cached,filmmaml,filmmaml-cl",
         help=f"comma-separated of {list(ARMS)} (l2l-maml comes with --learn2learn)",
     )
     parser.add_argument("--steps", type=int, default=4, help="timed meta-steps per arm per repeat")

@@ -179,6 +179,55 @@ def test_meta_gradients_equal_the_functional_core(encoder, first_order, steps, f
         )
 
 
+def test_channels_last_gives_the_same_meta_gradients_in_place_of_the_same_parameters():
+    """The layout changes the kernels, not the maths: a FiLMMAML in channels_last and one in the
+    default layout, on copies of one model, give the same query losses and meta-gradients."""
+    torch.manual_seed(0)
+    model = conv4()
+    twin = copy.deepcopy(model)
+    parameters = list(twin.parameters())
+    default = FiLMMAML(model, 0.7, BN_SITES)
+    fast = FiLMMAML(twin, 0.7, BN_SITES, channels_last=True)
+    assert all(a is b for a, b in zip(twin.parameters(), parameters, strict=True))
+    conv = twin[4].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    episode = random_episode(tasks=2, query=3)
+    losses = {}
+    for name, maml in (("default", default), ("fast", fast)):
+        losses[name] = []
+        for i in range(episode.tasks):
+            task = episode.task(i)
+            clone = maml.clone()
+            clone.adapt(lambda c, t=task: F.cross_entropy(c(t.support_x), t.support_y), steps=2)
+            query_loss = F.cross_entropy(clone(task.query_x), task.query_y)
+            (query_loss / episode.tasks).backward()
+            losses[name].append(query_loss.detach())
+    torch.testing.assert_close(torch.stack(losses["fast"]), torch.stack(losses["default"]))
+    for ours, theirs in zip(twin.parameters(), model.parameters(), strict=True):
+        assert bool(theirs.grad.abs().sum() > 0)
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_forward_that_views_a_channels_last_activation_is_told_what_to_change():
+    class Viewing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = conv4()[:12]  # three blocks: 2x2 activations at the end
+            self.head = nn.Linear(4 * WIDTH, WAYS)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.body(x)
+            return self.head(h.view(h.size(0), -1))
+
+    episode = random_episode(tasks=1, query=1)
+    model = Viewing()
+    learner = FiLMMAML(model, 0.1, ["body.1", "body.5", "body.9"]).clone()
+    assert learner(episode.support_x[0]).shape == (WAYS, WAYS)  # default layout: view works
+    learner = FiLMMAML(model, 0.1, ["body.1", "body.5", "body.9"], channels_last=True).clone()
+    with pytest.raises(RuntimeError, match=r"calls \.view on an activation.*\.flatten\(1\)"):
+        learner(episode.support_x[0])
+
+
 def test_identity_film_is_the_plain_model_and_hooks_do_not_outlive_the_forward():
     model = conv4()
     maml = FiLMMAML(model, 0.1, BN_SITES)

@@ -13,7 +13,9 @@ not reseeded: they are judged against the frozen arms' spread, a lower bound of 
 Everything is chosen and judged on these rules before the numbers were seen; test is never used to
 choose.
 
-Writes REPORT_DIR/claims.md, claims.json, claim<N>.png, and each sweep's own comparison
+Before the claims, a table of every evaluated arm: its accuracies, its train–val gap and the
+size of its FiLM deviations (predicted by the encoder, and after the inner loop), and its training
+time. Writes REPORT_DIR/claims.md, claims.json, claim<N>.png, and each sweep's own comparison
 (sweep.md, sweep.json, its plot, the full report of every arm) under REPORT_DIR/<sweep>/ once that
 sweep has finished. While the study runs, the report is interim: a comparison whose arms are not
 both evaluated at every split and shot is "pending" and judged later; a claim's verdict is from
@@ -30,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from metafilm.errors import ReportError
-from metafilm.report import paired_differences, setting_label
+from metafilm.report import labelled, mean_ci_text, paired_differences, setting_label
 from metafilm.rundir import RunFiles, read_run
+from metafilm.sweep import Arm, arm_summary
 
 SHOTS = (1, 5)
 SPLITS = ("test", "val")
@@ -243,6 +246,46 @@ def _read(runs_dir: Path, name: str, cache: dict[str, RunFiles]) -> RunFiles | N
     return cache[name]
 
 
+def arms_table(runs_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Markdown lines and rows (`metafilm.sweep.arm_summary`) of every arm of `runs_dir` that is
+    evaluated at every split and shot, sweep by sweep."""
+    arms: list[tuple[str, RunFiles]] = []
+    for sweep in SWEEPS:
+        found = (runs_dir / sweep).glob("*/config.toml")
+        for path in sorted(found, key=lambda path: (path.parent.name != "base", path)):
+            run = read_run(path.parent)
+            if {label(split, shots) for split in SPLITS for shots in SHOTS} <= set(
+                labelled([run]).values()
+            ):
+                arms.append((f"{sweep}/{path.parent.name}", run))
+    rows = [arm_summary(Arm(()), run) | {"arm": name} for name, run in arms]
+    columns = [label(split, shots) for shots in SHOTS for split in SPLITS]
+
+    def number(value: float | None, scale: float = 100.0, digits: int = 1) -> str:
+        return "–" if value is None else f"{scale * value:.{digits}f}"
+
+    lines = [
+        "## Every evaluated arm",
+        "",
+        "Accuracy in percent, mean ± 95% CI over the 600 episodes. Gap: the last logged training "
+        "accuracy minus the last validation accuracy (both 5-way 1-shot). RMS: the FiLM "
+        "deviations predicted by the encoder and after the inner loop, at the last log.",
+        "",
+        "| arm | " + " | ".join(columns) + " | gap | RMS predicted | RMS adapted | training (s) |",
+        "|---|" + "---|" * (len(columns) + 4),
+    ]
+    for row in rows:
+        cells = [mean_ci_text(row["results"].get(column)) for column in columns]
+        cells += [
+            number(row["train_val_gap"]),
+            number(row["film_predicted_rms"], 1, 4),
+            number(row["film_adapted_rms"], 1, 4),
+            number(row["wall_time_s"], 1, 0),
+        ]
+        lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
+    return [*lines, ""], rows
+
+
 def write(runs_dir: Path, out: Path) -> Path:
     """Write the study's report from `runs_dir` into `out`; return the Markdown file."""
     runs: dict[str, RunFiles] = {}
@@ -268,7 +311,14 @@ def write(runs_dir: Path, out: Path) -> Path:
         + ", ".join(f"{name} {100 * value:.2f}" for name, value in sorted(spread.items())),
         "",
     ]
-    document: dict[str, Any] = {"seed_spread": spread, "claims": [], "pending_comparisons": 0}
+    table, arm_rows = arms_table(runs_dir)
+    lines += table
+    document: dict[str, Any] = {
+        "seed_spread": spread,
+        "arms": arm_rows,
+        "claims": [],
+        "pending_comparisons": 0,
+    }
     out.mkdir(parents=True, exist_ok=True)
     for number, claim in enumerate(CLAIMS, 1):
         rows, verdicts, pending = [], [], 0

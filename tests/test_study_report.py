@@ -157,6 +157,9 @@ def test_the_report_judges_each_claim_from_the_runs(tmp_path: Path) -> None:
     ci = 100 * 1.96 * 0.001 * (20 / 19) ** 0.5 / 20**0.5  # ±0.001 alternating: s = 0.001 * √(20/19)
     cells = " | ".join([f"+3.00 ± {ci:.2f}"] * 4)  # 0.04497 points, shown as 0.04
     assert f"| linear − MLP | {cells} | confirmed / confirmed | 12 / 12 |" in text
+    arms = [line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| frozen/")]
+    assert arms[0] == ["| frozen/base", "52.00 ± 0.64"]  # 0.50-0.54 in turn: s = 0.0145
+    assert ["| frozen/model.encoder=mlp", "49.00 ± 0.64"] in arms
     assert sorted(path.name for path in out.glob("claim*.png")) == [
         f"claim{n}.png" for n in range(1, len(study.CLAIMS) + 1)
     ]
@@ -192,3 +195,5 @@ def test_an_interim_report_judges_claims_on_finished_arms_and_marks_the_rest_pen
         in text
     )
     assert not (tmp_path / "report" / "frozen").exists()
+    assert "| frozen/model.encoder=mlp |" not in text  # not started
+    assert "| frozen/model.learn_metric_scale=false |" not in text  # not evaluated everywhere

@@ -79,10 +79,10 @@ class FiLMMAML(nn.Module):
     ``channels_last=True`` puts the model's 4-D parameters and buffers in the channels_last memory
     format, in place (``model.to(memory_format=torch.channels_last)``: the same values, the same
     ``Parameter`` objects). Convolutions, batch norm and pooling then run in that layout: on CPU
-    a meta-step is about 1.5x faster (``docs/benchmarks.md``). FiLM adapts no weight, so the
-    weights keep their layout through the inner loop, which full-parameter MAML's fast weights do
-    not. The model's forward must flatten activations with ``flatten`` or ``reshape``: ``view``
-    of a channels_last activation fails (a forward that does so is told).
+    a meta-step ran 1.3x faster at the 1-shot shapes of ``docs/benchmarks.md``. FiLM adapts no
+    weight, so the weights keep their layout through the inner loop, which full-parameter MAML's
+    fast weights do not. The model's forward must flatten activations with ``flatten`` or
+    ``reshape``: ``view`` of a channels_last activation fails (a forward that does so is told).
     """
 
     def __init__(

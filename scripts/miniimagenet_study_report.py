@@ -100,6 +100,12 @@ CLAIMS = (
                 outer("none", "1.0", "all"),
                 1,
             ),
+            Comparison(
+                "co-training − none, encoder", outer("linear", "1.0"), outer("linear", "0"), None
+            ),
+            Comparison(
+                "co-training − none, no encoder", outer("none", "1.0"), outer("none", "0"), None
+            ),
         ),
     ),
     Claim(

@@ -189,7 +189,7 @@ def test_an_interim_report_judges_claims_on_finished_arms_and_marks_the_rest_pen
     assert verdicts["One FiLM layer does about as well as four"] == "confirmed"
     assert claims["pending_comparisons"] == 2
     text = markdown.read_text()
-    assert "**Interim**: 2 of 19 comparisons are pending" in text
+    assert "**Interim**: 2 of 21 comparisons are pending" in text
     assert (
         "| linear − MLP | pending | pending | pending | pending | pending / pending | – / – |"
         in text

@@ -2,25 +2,28 @@
 
 Evaluation is float64 so that per-episode accuracies do not depend on the thread count or the CPU
 (a change in the order of float32 sums flips near-tied predictions). But a prediction is the
-argmax of a task's query logits, and float32 can only change it where the two largest logits of
-a query are closer than twice the float32 error of a logit. So :func:`evaluate_exact` runs every
-task in float32 and recomputes in float64 only:
+argmax of a query's logits, and the float32 argmax ``t`` is float64's too when every float32
+difference ``logit[j] - logit[t]`` (at most minus the query's top-two margin) is off from its
+float64 value by less than that margin. So :func:`evaluate_exact` runs every task in float32 and
+recomputes in float64 only:
 
 - the first ``CALIBRATION_TASKS`` tasks, which measure the float32 error of this model: the
-  largest ``|logit32 - logit64|`` relative to the task's largest ``|logit64|`` (floored at float32's
-  unit roundoff);
+  largest error of a difference ``logit[j] - logit[t]``, relative to the task's largest
+  ``|logit|`` (floored at float32's unit roundoff); every later recomputed task adds its own
+  measurement, so the error only grows;
 - every later task with a *near tie*: a query whose float32 top-two margin is at most
-  ``2 * HEADROOM * error * max|logit32|`` of its task (:func:`near_ties`).
+  ``HEADROOM * error * max|logit|`` of its task (:func:`near_ties`).
 
 Every other decision is the float64 one, so the accuracies equal plain float64 evaluation's on
-any thread count: the error bound is the measured one times ``HEADROOM`` (errors of independent
-roundings spread over a few times their typical size; the calibration takes the largest of
-thousands of logits). Tests check it on episodes made near-tied on purpose.
+any thread count: the error bound is the measured one times ``HEADROOM`` (on the quickstart model's
+600 test episodes of 20-way 1-shot the largest error of any task was 1.3x the first 8 tasks'
+largest, docs/benchmarks.md). Tests check it on episodes made near-tied on purpose.
 
 The float32 copy of a built-in backbone is channels_last (convolutions and pooling 2-3x faster
-on CPU than float64). With batch norm in episode mode its batch statistics are then computed in
-two passes (``BatchNorm.two_pass_statistics``): torch's channels_last kernel gives a variance off
-by ~1e-4 relative, which would make most tasks near ties.
+on CPU than float64), its Conv-4 blocks max-pool before normalising (``Conv4Block.pool_first``,
+a quarter of the elementwise work) and its episode batch statistics are computed in two passes
+(``BatchNorm.batch_statistics``): torch's channels_last kernel gives a variance off by ~1e-4
+relative, which would make most tasks near ties.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 from torch import Tensor
 
 from episodes.sampler import Episode
-from metafilm.backbones import Backbone, BatchNorm
+from metafilm.backbones import Backbone, BatchNorm, Conv4Block
 from metafilm.interop import as_episode
 from metafilm.learner import FiLMLearner
 from metafilm.meta import Strategy, accuracies_of, query_logits
@@ -48,7 +51,8 @@ FLOAT32_ROUNDOFF = 2.0**-24
 @dataclass
 class Tiebreak:
     """What an :func:`evaluate_exact` call did: ``tasks`` evaluated, ``recomputed`` in float64
-    (calibration and near ties), and the calibrated relative ``error`` of a float32 logit."""
+    (calibration and near ties), and the calibrated relative ``error`` of a float32 logit
+    difference."""
 
     tasks: int = 0
     recomputed: int = 0
@@ -57,14 +61,24 @@ class Tiebreak:
 
 def near_ties(logits: Tensor, error: float) -> Tensor:
     """Which tasks of ``logits [tasks, queries, ways]`` have a query whose top-two margin is at
-    most ``2 * HEADROOM * error`` times the task's largest ``|logit|``: where a relative error of
-    ``HEADROOM * error`` per logit could change a prediction."""
+    most ``HEADROOM * error`` times the task's largest ``|logit|``: where a relative error of
+    ``HEADROOM * error`` in a logit difference could change a prediction."""
     if logits.shape[-1] < 2:
         return torch.zeros(logits.shape[0], dtype=torch.bool)
     top2 = logits.topk(2, dim=-1).values
     margin = (top2[..., 0] - top2[..., 1]).amin(-1)
     scale = logits.abs().flatten(1).amax(-1)
-    return margin <= 2 * HEADROOM * error * scale
+    return margin <= HEADROOM * error * scale
+
+
+def difference_errors(fast: Tensor, exact: Tensor) -> Tensor:
+    """Per task of ``[tasks, queries, ways]`` logits: the largest error of a ``fast`` difference
+    ``logit[j] - logit[t]`` (``t`` the ``fast`` prediction) against ``exact``'s, relative to the
+    task's largest ``|exact|`` logit."""
+    top = fast.argmax(-1, keepdim=True)
+    error = (fast - fast.gather(-1, top)) - (exact - exact.gather(-1, top))
+    scale = exact.abs().flatten(1).amax(-1).clamp_min(torch.finfo(exact.dtype).tiny)
+    return error.abs().flatten(1).amax(-1) / scale
 
 
 def _float32_copy(learner: FiLMLearner) -> FiLMLearner:
@@ -76,6 +90,8 @@ def _float32_copy(learner: FiLMLearner) -> FiLMLearner:
         for module in fast.backbone.modules():
             if isinstance(module, BatchNorm):
                 module.two_pass_statistics = True
+            if isinstance(module, Conv4Block):
+                module.pool_first = True
     return fast
 
 
@@ -113,17 +129,30 @@ def evaluate_exact(
         logits = query_logits(fast, fast_episode, adapt, strategy=strategy).double()
         calibrating = torch.arange(episode.tasks) < CALIBRATION_TASKS - done.tasks
         if bool(calibrating.any()):
-            which = calibrating.nonzero().squeeze(1)
-            exact = query_logits(learner, _tasks(episode, which), adapt, strategy=strategy)
-            error = (logits[which] - exact).abs().flatten(1).amax(-1)
-            scale = exact.abs().flatten(1).amax(-1).clamp_min(torch.finfo(exact.dtype).tiny)
-            done.error = max(done.error, float((error / scale).max()))
-            logits[which] = exact
+            logits = _recompute(learner, episode, calibrating, logits, adapt, strategy, done)
         redo = near_ties(logits, done.error) & ~calibrating
         if bool(redo.any()):
-            which = redo.nonzero().squeeze(1)
-            logits[which] = query_logits(learner, _tasks(episode, which), adapt, strategy=strategy)
+            logits = _recompute(learner, episode, redo, logits, adapt, strategy, done)
         done.tasks += episode.tasks
-        done.recomputed += int(calibrating.sum()) + int(redo.sum())
         accuracies.append(accuracies_of(logits, episode.query_y))
     return torch.cat(accuracies).numpy() if accuracies else np.zeros(0)
+
+
+def _recompute(
+    learner: FiLMLearner,
+    episode: Episode,
+    which: Tensor,
+    logits: Tensor,
+    adapt: AdaptSpec,
+    strategy: Strategy,
+    done: Tiebreak,
+) -> Tensor:
+    """``logits`` with the tasks ``which`` (a mask) recomputed by the float64 ``learner``; their
+    float32 errors raise ``done.error``."""
+    tasks = which.nonzero().squeeze(1)
+    exact = query_logits(learner, _tasks(episode, tasks), adapt, strategy=strategy)
+    done.error = max(done.error, float(difference_errors(logits[tasks], exact).max()))
+    done.recomputed += len(tasks)
+    logits = logits.clone()
+    logits[tasks] = exact
+    return logits

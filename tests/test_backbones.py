@@ -203,6 +203,31 @@ def test_film_equals_the_affine_change_by_hand(kind, bn_mode, train):
         torch.testing.assert_close(ours(x, film), expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("in_channels", "image_size"), INPUTS)
+def test_pooling_first_is_the_same_function_and_gradient(in_channels, image_size):
+    ours, plain, bn_of_site = ours_and_plain("conv4", in_channels, image_size, "episode")
+    x = images(5, in_channels, image_size).requires_grad_()
+    # large enough that some gammas are negative: there the convolution's sign flips instead
+    film = random_film(ours, ours.sites, scale=1.5)
+    assert sum(bool((1 + dgamma < 0).any()) for dgamma, _ in film.values()) >= 2
+    leaves = [x, *(f.requires_grad_() for pair in film.values() for f in pair)]
+    handles = film_hooks(bn_of_site, film)
+    expected = plain(x)
+    for handle in handles:
+        handle.remove()
+    for block in ours.blocks:
+        block.pool_first = True
+    result = ours(x, film)
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-10)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3)).double()
+    for ours_grad, plain_grad in zip(
+        torch.autograd.grad((result * weights).sum(), leaves),
+        torch.autograd.grad((expected * weights).sum(), leaves),
+        strict=True,
+    ):
+        torch.testing.assert_close(ours_grad, plain_grad, rtol=1e-8, atol=1e-10)
+
+
 # --- split at a block boundary ----------------------------------------------------------------
 
 

@@ -13,7 +13,13 @@ from metafilm.backbones import BatchNorm
 from metafilm.learner import FiLMLearner
 from metafilm.meta import evaluate
 from metafilm.specs import AdaptSpec, ModelSpec
-from metafilm.tiebreak import CALIBRATION_TASKS, Tiebreak, evaluate_exact, near_ties
+from metafilm.tiebreak import (
+    CALIBRATION_TASKS,
+    Tiebreak,
+    difference_errors,
+    evaluate_exact,
+    near_ties,
+)
 
 IMAGE, WAYS, SHOTS, QUERY = 28, 5, 1, 6
 NUDGES = (1e-9, 1e-7, 3e-7, 1e-6, 3e-6)
@@ -104,13 +110,21 @@ def test_a_near_tie_is_a_margin_within_the_float32_error_of_the_largest_logit():
     logits = torch.tensor(
         [
             [[10.0, 9.9, 0.0], [1.0, 0.0, 0.0]],  # margins 0.1 and 1: far at error 1e-3
-            [[10.0, 9.9, 0.0], [1.0, 1.0 - 1e-3, 0.0]],  # 1e-3 <= 2 * 8 * 1e-4 * 10
+            [[10.0, 9.9, 0.0], [1.0, 1.0 - 1e-3, 0.0]],  # 1e-3 <= 8 * 1e-4 * 10
             [[-5.0, -5.0, -20.0], [3.0, 0.0, 0.0]],  # an exact tie
         ],
         dtype=torch.float64,
     )
     assert near_ties(logits, 1e-4).tolist() == [False, True, True]
     assert near_ties(logits, 1e-7).tolist() == [False, False, True]
+
+
+def test_the_calibrated_error_is_that_of_differences_from_the_float32_prediction():
+    exact = torch.tensor([[[4.0, 1.0, -2.0], [0.5, 3.0, 1.0]]], dtype=torch.float64)
+    fast = exact + torch.tensor([[[1e-3, 1e-3, 1e-3], [0.0, 2e-3, -1e-3]]], dtype=torch.float64)
+    # a shift common to a query's logits is no error; query 2: differences from class 1 are off
+    # by 2e-3 and 3e-3; the task's largest |logit| is 4
+    assert float(difference_errors(fast, exact)[0]) == pytest.approx(3e-3 / 4, rel=1e-12)
 
 
 def test_a_float32_learner_is_refused():

@@ -82,8 +82,8 @@ def difference_errors(fast: Tensor, exact: Tensor) -> Tensor:
 
 
 def _float32_copy(learner: FiLMLearner) -> FiLMLearner:
-    """The learner in float32: a built-in backbone channels_last, its episode batch statistics in
-    two passes (module docstring)."""
+    """The learner in float32: a built-in backbone channels_last, its Conv-4 blocks pooling
+    first, its episode batch statistics in two passes (module docstring)."""
     fast = copy.deepcopy(learner).float()
     if isinstance(fast.backbone, Backbone):
         fast.backbone.to(memory_format=torch.channels_last)

@@ -15,9 +15,10 @@ recomputes in float64 only:
   ``HEADROOM * error * max|logit|`` of its task (:func:`near_ties`).
 
 Every other decision is the float64 one, so the accuracies equal plain float64 evaluation's on
-any thread count: the error bound is the measured one times ``HEADROOM`` (on the quickstart model's
-600 test episodes of 20-way 1-shot the largest error of any task was 1.3x the first 8 tasks'
-largest, docs/benchmarks.md). Tests check it on episodes made near-tied on purpose.
+any thread count: the error bound is the measured one times ``HEADROOM`` (on the quickstart
+model's 600 test episodes the largest error of any task was 1.3-1.4x the first 8 tasks' largest:
+``scripts/bench_evaluation.py --check-headroom``, docs/benchmarks.md). Tests check it on episodes
+made near-tied on purpose.
 
 The float32 copy of a built-in backbone is channels_last (convolutions and pooling 2-3x faster
 on CPU than float64), its Conv-4 blocks max-pool before normalising (``Conv4Block.pool_first``,
@@ -81,7 +82,7 @@ def difference_errors(fast: Tensor, exact: Tensor) -> Tensor:
     return error.abs().flatten(1).amax(-1) / scale
 
 
-def _float32_copy(learner: FiLMLearner) -> FiLMLearner:
+def float32_copy(learner: FiLMLearner) -> FiLMLearner:
     """The learner in float32: a built-in backbone channels_last, its Conv-4 blocks pooling
     first, its episode batch statistics in two passes (module docstring)."""
     fast = copy.deepcopy(learner).float()
@@ -119,7 +120,7 @@ def evaluate_exact(
     is filled with what was recomputed."""
     if next(learner.parameters()).dtype != torch.float64:
         raise ValueError("evaluate_exact reproduces a float64 learner: call learner.double()")
-    fast = _float32_copy(learner)
+    fast = float32_copy(learner)
     done = Tiebreak() if tiebreak is None else tiebreak
     accuracies: list[Tensor] = []
     for episode in map(as_episode, episodes):

@@ -9,6 +9,10 @@ Prints each arm's best time over `--repeats`, the speed-up, how many tasks were 
 float64, the thread count and the load average of the machine before the run. Cached prefix
 features (a frozen backbone) are computed once, or read from the cache that `metafilm evaluate`
 keeps, before either arm is timed.
+
+`--check-headroom` then computes every task's logits in float32 and in float64 (untimed) and
+reports the largest float32 error of a logit difference over all tasks, as a multiple of the
+largest over the calibration tasks: how much of `metafilm.tiebreak.HEADROOM` this model uses.
 """
 
 from __future__ import annotations
@@ -18,17 +22,28 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from episodes.integrity import resolve_cache_dir
+from episodes.sampler import Episode
 from metafilm.assemble import fixed_batches, fixed_episodes, load_split
 from metafilm.evaluation import load_trained
-from metafilm.meta import evaluate, input_builder
+from metafilm.learner import FiLMLearner
+from metafilm.meta import evaluate, input_builder, query_logits
 from metafilm.prefix_cache import prefix_store
-from metafilm.tiebreak import Tiebreak, evaluate_exact
+from metafilm.specs import AdaptSpec
+from metafilm.tiebreak import (
+    CALIBRATION_TASKS,
+    HEADROOM,
+    Tiebreak,
+    difference_errors,
+    evaluate_exact,
+    float32_copy,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--check-headroom", action="store_true")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
@@ -115,9 +131,36 @@ def main(argv: list[str] | None = None) -> int:
         f"in float64, accuracies {'equal' if equal else 'DIFFERENT'} (mean "
         f"{100 * summary['mean_accuracy']:.2f}%)"
     )
+    if args.check_headroom:
+        summary["headroom_used"] = headroom_used(loaded.learner, episodes, adapt)
+        print(
+            f"largest float32 error of a logit difference over all tasks: "
+            f"{summary['headroom_used']:.2f}x the calibration tasks' largest (HEADROOM {HEADROOM})"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return 0 if equal else 1
+
+
+def headroom_used(learner: FiLMLearner, episodes: list[Episode], adapt: AdaptSpec) -> float:
+    """The largest float32 error of a logit difference over all tasks of ``episodes`` (as
+    ``metafilm.tiebreak`` measures it), divided by the largest over the first
+    ``CALIBRATION_TASKS``: the part of ``HEADROOM`` this model and protocol use."""
+    fast = float32_copy(learner)
+    errors = torch.cat(
+        [
+            difference_errors(
+                query_logits(
+                    fast,
+                    replace(e, support_x=e.support_x.float(), query_x=e.query_x.float()),
+                    adapt,
+                ).double(),
+                query_logits(learner, e, adapt),
+            )
+            for e in episodes
+        ]
+    )
+    return float(errors.max() / errors[:CALIBRATION_TASKS].max())
 
 
 if __name__ == "__main__":

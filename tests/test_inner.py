@@ -176,3 +176,64 @@ def test_bad_settings_are_refused_with_a_clear_message():
             first_order=False,
             per_param_lr={"a": start["a"]},
         )
+
+
+def _cross_entropy(dtype: torch.dtype, margin: float):
+    """A FiLM-like support loss: features modulated by site "a", a fixed linear head, and
+    ``margin`` added to each right class's logit (a large one: a loss near zero)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 3, generator=g, dtype=torch.float64).to(dtype)
+    weight = torch.randn(3, 5, generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.arange(64) % 5
+    bonus = margin * torch.nn.functional.one_hot(labels, 5).to(dtype)
+
+    def loss(d):
+        dgamma, dbeta = d["a"]
+        logits = 1e-3 * ((x * (1 + dgamma) + dbeta) @ weight) + bonus
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    return loss
+
+
+def _zero_start(dtype: torch.dtype):
+    return {"a": (torch.zeros(3, dtype=dtype), torch.zeros(3, dtype=dtype))}
+
+
+@pytest.mark.parametrize("differentiate", ["autograd", "func"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_detached_gradient_is_the_plain_gradient_bit_for_bit(differentiate, dtype):
+    loss = _cross_entropy(dtype, margin=2.0)
+    out = inner_loop(
+        _zero_start(dtype),
+        loss,
+        inner_steps=1,
+        inner_lr=0.5,
+        first_order=True,
+        differentiate=differentiate,
+    )
+    start = {"a": tuple(t.requires_grad_() for t in _zero_start(dtype)["a"])}
+    grads = torch.autograd.grad(loss(start), start["a"])
+    for value, grad in zip(out["a"], grads, strict=True):
+        assert torch.equal(value, -0.5 * grad)
+
+
+@pytest.mark.parametrize("differentiate", ["autograd", "func"])
+def test_a_detached_gradient_stays_accurate_where_the_backward_would_be_subnormal(differentiate):
+    # margin 88: the wrong classes' probabilities are ~e^-88, and the backward pass's values fall
+    # below float32's smallest normal number (1.2e-38) unless the objective is scaled up first
+    def step(dtype: torch.dtype) -> torch.Tensor:
+        out = inner_loop(
+            _zero_start(dtype),
+            _cross_entropy(dtype, margin=88.0),
+            inner_steps=1,
+            inner_lr=1.0,
+            first_order=True,
+            differentiate=differentiate,
+        )
+        return out["a"][0].double()
+
+    exact, fast = step(torch.float64), step(torch.float32)
+    start = {"a": tuple(t.requires_grad_() for t in _zero_start(torch.float32)["a"])}
+    plain = -torch.autograd.grad(_cross_entropy(torch.float32, 88.0)(start), start["a"])[0]
+    assert (plain.double() - exact).abs().max() > 3e-3 * exact.abs().max()  # the case is hard
+    assert (fast - exact).abs().max() < 1e-3 * exact.abs().max()

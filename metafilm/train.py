@@ -97,6 +97,7 @@ from metafilm.rundir import (
 from metafilm.specs import AdaptSpec
 from metafilm.stats import mean_ci
 from metafilm.stopping import StopRequest
+from metafilm.subnormals import flushing_subnormals
 
 log = logging.getLogger(__name__)
 
@@ -484,15 +485,16 @@ def train(
                 )
                 weight = auxiliary_weight(config.outer, step)
                 auxiliary = Auxiliary(aux_classifier, images, labels, weight)
-            local = meta_step(
-                learner,
-                optimizer,
-                build_train(tasks),
-                config.adapt,
-                config.outer,
-                reduce_gradients=processes.mean_,
-                auxiliary=auxiliary,
-            )
+            with flushing_subnormals():
+                local = meta_step(
+                    learner,
+                    optimizer,
+                    build_train(tasks),
+                    config.adapt,
+                    config.outer,
+                    reduce_gradients=processes.mean_,
+                    auxiliary=auxiliary,
+                )
             processes.mean_(running_statistics)
             metrics = processes.mean_metrics(local)
             step += 1

@@ -9,7 +9,9 @@ the run's checkpoints, logging window and resume, so they stay together.
 Exact resume: training task `j` of step `s` is a function of `(seed, s, j)` (`EpisodeSampler`), so
 a checkpoint needs only the step counter beside the weights, the optimiser and the global RNG
 states. On resume `metrics.jsonl` is cut back to the checkpoint's step, and the run continues to
-the same final weights, bit for bit, as an uninterrupted one.
+the same final weights, bit for bit, as an uninterrupted one. Each meta-step flushes subnormal
+floats to zero (`metafilm.subnormals`: a trained 1-shot model's second-order step can run 2x
+slower on them).
 
 Frozen backbone (`model.backbone_mode = "frozen"`): `train` first pretrains the backbone by plain
 classification over the training classes and keeps it as `backbone.pt` in the run directory, unless

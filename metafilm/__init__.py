@@ -44,6 +44,7 @@ from metafilm.pretrain import pretrain_backbone
 from metafilm.report import write_report
 from metafilm.specs import AdaptSpec, ModelSpec, OuterSpec
 from metafilm.stats import accuracy_summary
+from metafilm.subnormals import flushing_subnormals
 from metafilm.sweep import run_sweep
 from metafilm.task_model import TaskModel, adapt_checkpoint, adapt_task
 from metafilm.train import pretrain_run
@@ -87,6 +88,7 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_lake",
     "export_onnx",
+    "flushing_subnormals",
     "inner_loop",
     "input_builder",
     "load_config",

@@ -23,6 +23,11 @@ forward hook that multiplies channel dimension 1 of its output by ``1 + dgamma``
 ``DistributedDataParallel`` model keeps its gradient all-reduce; its ``.module`` is only used to
 look the sites up by name.
 
+A trained model's nearly-zero support losses can leave the second-order backward on subnormal
+floats, which x86 computes up to 100x slower; wrapping each meta-step of the user's loop in
+``metafilm.flushing_subnormals()`` flushes them, as ``metafilm train`` does
+(:mod:`metafilm.subnormals`).
+
 What ``adapt`` changes: the learner's deviations and nothing else. It never writes a parameter or
 a ``.grad`` of the model. Forwards do what the model's forwards do: a batch norm in train mode
 updates its running statistics on every forward, including those the closure form of ``adapt``

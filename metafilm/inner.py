@@ -71,11 +71,16 @@ def inner_loop(
 
     def objective(candidate: Deviations) -> Tensor:
         loss = support_loss(candidate)
-        return loss + film_l2 * l2_to_identity(candidate) if film_l2 else loss
+        loss = loss + film_l2 * l2_to_identity(candidate) if film_l2 else loss
+        return loss * GRADIENT_SCALE if first_order else loss
 
     gradient = _autograd_gradient if differentiate == "autograd" else _func_gradient
     for _ in range(inner_steps):
         grads = gradient(objective, deviations, create_graph=not first_order)
+        if first_order:
+            grads = {
+                site: (dg / GRADIENT_SCALE, db / GRADIENT_SCALE) for site, (dg, db) in grads.items()
+            }
         deviations = {
             site: tuple(
                 value - _learning_rate(per_param_lr, site, which, inner_lr) * grad
@@ -102,13 +107,7 @@ def _autograd_gradient(
             for site, pair in deviations.items()
         }
         flat_inputs = [t for pair in inputs.values() for t in pair]
-        loss = objective(inputs)
-        scale = 1.0 if create_graph else GRADIENT_SCALE
-        flat_grads = torch.autograd.grad(
-            loss, flat_inputs, torch.full_like(loss, scale), create_graph=create_graph
-        )
-    if not create_graph:
-        flat_grads = tuple(grad / GRADIENT_SCALE for grad in flat_grads)
+        flat_grads = torch.autograd.grad(objective(inputs), flat_inputs, create_graph=create_graph)
     return {site: (flat_grads[2 * i], flat_grads[2 * i + 1]) for i, site in enumerate(inputs)}
 
 
@@ -116,10 +115,7 @@ def _func_gradient(
     objective: SupportLoss, deviations: Deviations, *, create_graph: bool
 ) -> Deviations:
     """d objective / d deviations by ``torch.func.grad``; detached unless ``create_graph``."""
+    grads = torch.func.grad(objective)(deviations)
     if create_graph:
-        return torch.func.grad(objective)(deviations)
-    grads = torch.func.grad(lambda candidate: objective(candidate) * GRADIENT_SCALE)(deviations)
-    return {
-        site: (dgamma.detach() / GRADIENT_SCALE, dbeta.detach() / GRADIENT_SCALE)
-        for site, (dgamma, dbeta) in grads.items()
-    }
+        return grads
+    return {site: (dgamma.detach(), dbeta.detach()) for site, (dgamma, dbeta) in grads.items()}

@@ -96,6 +96,11 @@ def float32_copy(learner: FiLMLearner) -> FiLMLearner:
     return fast
 
 
+def float32_episode(episode: Episode) -> Episode:
+    """``episode`` with its images in float32, for :func:`float32_copy`."""
+    return replace(episode, support_x=episode.support_x.float(), query_x=episode.query_x.float())
+
+
 def _tasks(episode: Episode, which: Tensor) -> Episode:
     """The tasks ``which`` (indices) of ``episode``."""
     return replace(
@@ -124,16 +129,13 @@ def evaluate_exact(
     done = Tiebreak() if tiebreak is None else tiebreak
     accuracies: list[Tensor] = []
     for episode in map(as_episode, episodes):
-        fast_episode = replace(
-            episode, support_x=episode.support_x.float(), query_x=episode.query_x.float()
-        )
-        logits = query_logits(fast, fast_episode, adapt, strategy=strategy).double()
+        logits = query_logits(fast, float32_episode(episode), adapt, strategy=strategy).double()
         calibrating = torch.arange(episode.tasks) < CALIBRATION_TASKS - done.tasks
         if bool(calibrating.any()):
-            logits = _recompute(learner, episode, calibrating, logits, adapt, strategy, done)
+            _recompute(learner, episode, calibrating, logits, adapt, strategy, done)
         redo = near_ties(logits, done.error) & ~calibrating
         if bool(redo.any()):
-            logits = _recompute(learner, episode, redo, logits, adapt, strategy, done)
+            _recompute(learner, episode, redo, logits, adapt, strategy, done)
         done.tasks += episode.tasks
         accuracies.append(accuracies_of(logits, episode.query_y))
     return torch.cat(accuracies).numpy() if accuracies else np.zeros(0)
@@ -147,13 +149,11 @@ def _recompute(
     adapt: AdaptSpec,
     strategy: Strategy,
     done: Tiebreak,
-) -> Tensor:
-    """``logits`` with the tasks ``which`` (a mask) recomputed by the float64 ``learner``; their
+) -> None:
+    """Overwrite the tasks ``which`` (a mask) of ``logits`` with the float64 ``learner``'s; their
     float32 errors raise ``done.error``."""
     tasks = which.nonzero().squeeze(1)
     exact = query_logits(learner, _tasks(episode, tasks), adapt, strategy=strategy)
     done.error = max(done.error, float(difference_errors(logits[tasks], exact).max()))
     done.recomputed += len(tasks)
-    logits = logits.clone()
     logits[tasks] = exact
-    return logits

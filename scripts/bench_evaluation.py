@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ from metafilm.tiebreak import (
     difference_errors,
     evaluate_exact,
     float32_copy,
+    float32_episode,
 )
 
 
@@ -150,11 +150,7 @@ def headroom_used(learner: FiLMLearner, episodes: list[Episode], adapt: AdaptSpe
     errors = torch.cat(
         [
             difference_errors(
-                query_logits(
-                    fast,
-                    replace(e, support_x=e.support_x.float(), query_x=e.query_x.float()),
-                    adapt,
-                ).double(),
+                query_logits(fast, float32_episode(e), adapt).double(),
                 query_logits(learner, e, adapt),
             )
             for e in episodes

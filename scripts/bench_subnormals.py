@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -57,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in seconds:
             learner.zero_grad()
             started = time.perf_counter()
-            if mode == "flushed":
-                with flushing_subnormals():
-                    meta_backward(learner, batch, config.adapt, film_l2=config.outer.film_l2)
-            else:
+            with flushing_subnormals() if mode == "flushed" else nullcontext():
                 meta_backward(learner, batch, config.adapt, film_l2=config.outer.film_l2)
             seconds[mode].append(time.perf_counter() - started)
             print(f"repeat {repeat + 1}: {mode} {seconds[mode][-1]:.2f} s", file=sys.stderr)

@@ -117,14 +117,18 @@ class BatchNorm(nn.Module):
         return fold_into_affine(self.weight, self.bias, *film)
 
     @staticmethod
-    def batch_statistics(x: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def batch_statistics(
+        x: Tensor, mean: Tensor | None = None, *, overwrite: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Per-channel mean and (biased) variance of ``x`` over all dims but 1, shaped
         ``[1, C, 1, ...]``, in two passes: as precise in float32 channels_last as in NCHW. A
-        caller that knows the mean more cheaply passes it."""
+        caller that knows the mean more cheaply passes it; one that needs ``x`` no more (and
+        no gradient through it) lets it be ``overwrite``n: no temporary as large as ``x``."""
         dims = [0, *range(2, x.dim())]
         if mean is None:
             mean = x.mean(dims, keepdim=True)
-        return mean, (x - mean).square().mean(dims, keepdim=True)
+        deviations = x.sub_(mean) if overwrite else x - mean
+        return mean, deviations.square_().mean(dims, keepdim=True)
 
 
 class Conv4Block(nn.Module):
@@ -167,10 +171,11 @@ class Conv4Block(nn.Module):
         if self.in_channels < self.out_channels:  # the convolution is linear: mean of one image
             mean = F.conv2d(x.sum(0, keepdim=True), kernel, padding=self.conv.padding)
             mean = mean.mean((0, 2, 3), keepdim=True) / len(x)
-        mean, var = self.bn.batch_statistics(h, mean)
+        pooled = F.max_pool2d(h, 2)
+        mean, var = self.bn.batch_statistics(h, mean, overwrite=not h.requires_grad)
         scale = weight.abs().view_as(mean) * torch.rsqrt(var + self.bn.eps)
         shift = bias.view_as(mean) - mean * scale
-        return torch.addcmul(shift, F.max_pool2d(h, 2), scale).relu_()
+        return torch.addcmul(shift, pooled, scale).relu_()
 
 
 class ResNet12Block(nn.Module):

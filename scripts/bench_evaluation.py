@@ -5,8 +5,11 @@ two alternating in one process on the same episodes; their per-episode accuracie
     PYTHONPATH=. python scripts/bench_evaluation.py runs/quickstart/best.pt --ways 20 --shots 1 \
         --episodes 600 --threads 2 --json /tmp/bench_evaluation.json
 
-Prints each arm's best time over `--repeats`, the speed-up, how many tasks were recomputed in
-float64, the thread count and the load average of the machine before the run. Cached prefix
+The arms alternate batch by batch (50 episodes; the first arm alternates too), so that both see
+the same phases of the machine, whose speed drifts by tens of percent within minutes; the exact
+arm carries its calibration from batch to batch, as one `evaluate_exact` call over all of them
+does. Prints each arm's best total over `--repeats`, the speed-up, how many tasks were recomputed
+in float64, the thread count and the load average of the machine before the run. Cached prefix
 features (a frozen backbone) are computed once, or read from the cache that `metafilm evaluate`
 keeps, before either arm is timed.
 
@@ -84,22 +87,32 @@ def main(argv: list[str] | None = None) -> int:
     episodes = list(fixed_batches(source, build))
     inputs_s = time.perf_counter() - started
     adapt = loaded.adapt()
-    tiebreak = Tiebreak()
-
-    def exact() -> np.ndarray:
-        nonlocal tiebreak
-        tiebreak = Tiebreak()  # the counts of the last call
-        return evaluate_exact(loaded.learner, episodes, adapt, tiebreak=tiebreak)
-
-    arms = {"float64": lambda: evaluate(loaded.learner, episodes, adapt), "exact": exact}
+    arms = ("float64", "exact")
     seconds: dict[str, list[float]] = {name: [] for name in arms}
     results: dict[str, np.ndarray] = {}
+    tiebreak = Tiebreak()
+
+    def run(arm: str, episode: Episode) -> np.ndarray:
+        if arm == "float64":
+            return evaluate(loaded.learner, [episode], adapt)
+        return evaluate_exact(loaded.learner, [episode], adapt, tiebreak=tiebreak)
+
     for repeat in range(args.repeats):
-        for name, arm in arms.items():
-            started = time.perf_counter()
-            results[name] = arm()
-            seconds[name].append(time.perf_counter() - started)
-            print(f"repeat {repeat + 1}: {name} {seconds[name][-1]:.1f} s", file=sys.stderr)
+        tiebreak = Tiebreak()  # carried over the batches: the counts of the last repeat
+        totals = dict.fromkeys(arms, 0.0)
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in arms}
+        for i, episode in enumerate(episodes):
+            for arm in arms[:: -1 if (i + repeat) % 2 else 1]:
+                started = time.perf_counter()
+                parts[arm].append(run(arm, episode))
+                totals[arm] += time.perf_counter() - started
+        for arm in arms:
+            results[arm] = np.concatenate(parts[arm])
+            seconds[arm].append(totals[arm])
+        print(
+            f"repeat {repeat + 1}: " + ", ".join(f"{a} {totals[a]:.1f} s" for a in arms),
+            file=sys.stderr,
+        )
     equal = bool(np.array_equal(results["float64"], results["exact"]))
     best = {name: min(times) for name, times in seconds.items()}
     summary = {

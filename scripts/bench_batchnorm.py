@@ -27,7 +27,7 @@ from torch import Tensor
 import metafilm.backbones
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_meta import SHAPES, build_arm, index_episodes, load_classes  # noqa: E402
+from bench_meta import SHAPES, build_arm, code_version, index_episodes, load_classes  # noqa: E402
 
 
 def torch_batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -78,6 +78,7 @@ def main() -> int:
         )
     if args.json is not None:
         summary = {
+            "code": code_version(),
             "threads": args.threads,
             "load_average_before": load,
             "torch": torch.__version__,

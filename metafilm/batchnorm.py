@@ -103,35 +103,29 @@ def _double_backward(
         return t.sum(dims, keepdim=True)
 
     gy_sum, gyc_sum = total(gy), total(gy * c)
+    r3 = r**3
     zeros = torch.zeros_like(r)
-    # gradient with respect to x: coefficients of c, gy and ggx, and a constant, per channel
-    on_c, on_gy, constant = zeros, zeros, zeros
-    g_weight = zeros
-    on_ggx = None
+    # gradient with respect to x: coefficients of c, gy and ggx, and a constant, per channel. The
+    # coefficient of gy is also that of c in the gradient with respect to gy (mixed derivatives).
+    on_c, on_gy, constant, g_weight, g_gy_constant = zeros, zeros, zeros, zeros, zeros
     if ggx is not None:
         ggx_sum, ggxc_sum, gy_ggx_sum = total(ggx), total(ggx * c), total(gy * ggx)
-        r3 = r**3
         coupled = ggx_sum * gy_sum / m - gy_ggx_sum + 3 / m * r * r * gyc_sum * ggxc_sum
         on_c = w * r3 * coupled / m
         on_gy = -w * r3 * ggxc_sum / m
-        on_ggx = -w * r3 * gyc_sum / m
         constant = w * r3 / m * (ggxc_sum * gy_sum + gyc_sum * ggx_sum) / m
         g_weight = r * gy_ggx_sum - r * gy_sum * ggx_sum / m - r3 * gyc_sum * ggxc_sum / m
+        g_gy_constant = -w * r * ggx_sum / m
     if ggw is not None:
         ggw = ggw.view(shape)
         on_gy = on_gy + ggw * r
         constant = constant - ggw * r * gy_sum / m
-        on_c = on_c - ggw * r**3 * gyc_sum / m
+        on_c = on_c - ggw * r3 * gyc_sum / m
+    if ggb is not None:
+        g_gy_constant = g_gy_constant + ggb.view(shape)
     g_x = torch.addcmul(constant, c, on_c).addcmul_(gy, on_gy)
-    if on_ggx is not None:
-        g_x.addcmul_(ggx, on_ggx)
-    # gradient with respect to gy: the first backward applied to ggx, plus the affine terms
-    g_gy_on_c = zeros if ggw is None else ggw * r
-    g_gy_constant = zeros if ggb is None else ggb.view(shape)
+    g_gy = torch.addcmul(g_gy_constant, c, on_gy)
     if ggx is not None:
-        g_gy_on_c = g_gy_on_c - w * r**3 * ggxc_sum / m
-        g_gy_constant = g_gy_constant - w * r * ggx_sum / m
-    g_gy = torch.addcmul(g_gy_constant, c, g_gy_on_c)
-    if ggx is not None:
+        g_x.addcmul_(ggx, -w * r3 * gyc_sum / m)
         g_gy.addcmul_(ggx, w * r)
     return g_gy, g_x, g_weight.view(-1)

@@ -90,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     arms = ("float64", "exact")
     seconds: dict[str, list[float]] = {name: [] for name in arms}
     results: dict[str, np.ndarray] = {}
-    tiebreak = Tiebreak()
 
-    def run(arm: str, episode: Episode) -> np.ndarray:
+    def run(arm: str, episode: Episode, tiebreak: Tiebreak) -> np.ndarray:
         if arm == "float64":
             return evaluate(loaded.learner, [episode], adapt)
         return evaluate_exact(loaded.learner, [episode], adapt, tiebreak=tiebreak)
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, episode in enumerate(episodes):
             for arm in arms[:: -1 if (i + repeat) % 2 else 1]:
                 started = time.perf_counter()
-                parts[arm].append(run(arm, episode))
+                parts[arm].append(run(arm, episode, tiebreak))
                 totals[arm] += time.perf_counter() - started
         for arm in arms:
             results[arm] = np.concatenate(parts[arm])

@@ -27,7 +27,14 @@ from torch import Tensor
 import metafilm.backbones
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_meta import SHAPES, build_arm, code_version, index_episodes, load_classes  # noqa: E402
+from bench_meta import (  # noqa: E402
+    SHAPES,
+    build_arm,
+    code_version,
+    index_episodes,
+    load_classes,
+    processor,
+)
 
 
 def torch_batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -79,6 +86,7 @@ def main() -> int:
     if args.json is not None:
         summary = {
             "code": code_version(),
+            "processor": processor(),
             "threads": args.threads,
             "load_average_before": load,
             "torch": torch.__version__,

@@ -48,6 +48,9 @@ from metafilm.tiebreak import (
     float32_episode,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_meta import code_version, processor  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             "episodes": len(source),
             "episode_seed": settings.seed,
         },
+        "code": code_version(),
+        "processor": processor(),
         "threads": args.threads,
         "load_average_before": load,
         "inputs_s": inputs_s,

@@ -443,12 +443,30 @@ def code_version() -> str:
     return f"{commit} (metafilm/ or episodes/ modified)" if dirty else commit
 
 
+def processor() -> str:
+    """The CPU's model name and the vector instructions torch's kernels use on it: timings and
+    their ratios differ between CPUs (an AVX2 and an AVX-512/AMX machine rank arms differently),
+    and so do float32 results."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            names = [
+                line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")
+            ]
+    except OSError:
+        names = []
+    if names:
+        model = names[0]
+    return f"{model}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def environment(
     args: argparse.Namespace, allocator: dict[str, int], load_before: tuple[float, ...]
 ) -> dict[str, object]:
     """What the figures depend on besides the code: machine, torch, threads, allocator, load."""
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "processor": processor(),
         "code": code_version(),
         "python": platform.python_version(),
         "torch": torch.__version__,

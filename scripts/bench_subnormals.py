@@ -28,6 +28,9 @@ from metafilm.evaluation import load_trained
 from metafilm.meta import input_builder, meta_backward
 from metafilm.subnormals import flushing_subnormals
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_meta import code_version, processor  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint_sha256": loaded.sha256,
         "tasks": {"shape": shape, "meta_batch_size": config.outer.meta_batch_size},
         "first_order": config.adapt.first_order,
+        "code": code_version(),
+        "processor": processor(),
         "threads": args.threads,
         "load_average_before": load,
         "seconds": seconds,

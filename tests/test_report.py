@@ -279,7 +279,7 @@ def test_the_committed_reports_can_be_rewritten_by_the_commands_that_wrote_them(
     results = Path(__file__).resolve().parents[1] / "docs" / "results"
     reports = sorted(path.parent for path in results.rglob("report.json"))
     sweeps = sorted(path.parent for path in results.rglob("sweep.json"))
-    assert len(reports) == 14 and len(sweeps) == 9
+    assert len(reports) == 15 and len(sweeps) == 9
     assert [path for path in reports if not (path / REPORT_MARKER).is_file()] == []
     # the FiLM study on miniImageNet keeps its sweeps' comparisons as copies beside its claims
     # (its sweeps themselves run under runs/, not kept): scripts/miniimagenet_study_report.py

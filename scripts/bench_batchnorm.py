@@ -30,10 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_meta import (  # noqa: E402
     SHAPES,
     build_arm,
-    code_version,
     index_episodes,
     load_classes,
-    processor,
+    provenance,
 )
 
 
@@ -85,11 +84,7 @@ def main() -> int:
         )
     if args.json is not None:
         summary = {
-            "code": code_version(),
-            "processor": processor(),
-            "threads": args.threads,
-            "load_average_before": load,
-            "torch": torch.__version__,
+            **provenance(args.threads, load),
             "shapes": results,
         }
         args.json.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")

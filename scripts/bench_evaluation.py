@@ -49,7 +49,7 @@ from metafilm.tiebreak import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_meta import code_version, processor  # noqa: E402
+from bench_meta import provenance  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             "episodes": len(source),
             "episode_seed": settings.seed,
         },
-        "code": code_version(),
-        "processor": processor(),
-        "threads": args.threads,
-        "load_average_before": load,
+        **provenance(args.threads, load),
         "inputs_s": inputs_s,
         "seconds": seconds,
         "speedup": best["float64"] / best["exact"],
@@ -139,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         "calibrated_error": tiebreak.error,
         "equal_accuracies": equal,
         "mean_accuracy": float(results["float64"].mean()),
-        "torch": torch.__version__,
     }
     print(
         f"{ways}-way {shots}-shot, {len(source)} {split} episodes, {args.threads} thread(s), load "

@@ -460,6 +460,18 @@ def processor() -> str:
     return f"{model}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 
+def provenance(threads: int, load_before: object) -> dict[str, object]:
+    """What every benchmark's JSON records beside its figures: the code, the processor, torch,
+    the thread count and the load average before the run."""
+    return {
+        "code": code_version(),
+        "processor": processor(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "load_average_before": load_before,
+    }
+
+
 def environment(
     args: argparse.Namespace, allocator: dict[str, int], load_before: tuple[float, ...]
 ) -> dict[str, object]:

@@ -29,7 +29,7 @@ from metafilm.meta import input_builder, meta_backward
 from metafilm.subnormals import flushing_subnormals
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_meta import code_version, processor  # noqa: E402
+from bench_meta import provenance  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,13 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint_sha256": loaded.sha256,
         "tasks": {"shape": shape, "meta_batch_size": config.outer.meta_batch_size},
         "first_order": config.adapt.first_order,
-        "code": code_version(),
-        "processor": processor(),
-        "threads": args.threads,
-        "load_average_before": load,
+        **provenance(args.threads, load),
         "seconds": seconds,
         "speedup": best["subnormals"] / best["flushed"],
-        "torch": torch.__version__,
     }
     print(
         f"one meta-batch of {config.outer.meta_batch_size} tasks, {args.threads} thread(s), load "
